@@ -1,0 +1,104 @@
+"""Result records of the analysis stage: plain data, no DICOM and no network.
+
+These are the contract between ``analysis/`` (which fills them) and ``dicom/`` (which writes
+them as SEG and TID 1500 SR) and ``pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class VolumetricResponse(enum.Enum):
+    """The five-grade volumetric rule of the source study (see response.py for boundaries)."""
+
+    CR = "CR"  # complete response: metastases disappeared
+    PR = "PR"  # partial response: volume decreased by >= 50 %
+    MR = "MR"  # minor response: decreased by >= 25 % and < 50 %
+    SD = "SD"  # stable disease: change strictly between -25 % and +25 %
+    PD = "PD"  # progressive disease: increased by >= 25 %
+
+
+@dataclass
+class LesionMeasurement:
+    """Measurements of one lesion, all on the reference (portal venous) grid.
+
+    ``label`` is the lesion's value in :attr:`AnalysisResult.lesion_labels` (1..n). Patient
+    coordinates are DICOM LPS in mm. ``key_slice`` is the slice index (into the reference
+    volume's datasets) with the largest lesion area; ``outline_ij`` the closed outline of the
+    lesion on that slice as (column, row) pixel coordinates, first point == last point, which is
+    what a TID 1410 2D POLYLINE SCOORD holds (PS3.3 C.18.6.1.1: column, row order).
+    """
+
+    label: int
+    tracking_id: str  # human-readable, e.g. "Lesion 1"
+    tracking_uid: str  # same UID for the same lesion at every time point
+    volume_ml: float
+    longest_diameter_mm: float  # longest axial diameter (on key_slice)
+    short_axis_mm: float  # longest diameter perpendicular to it, same slice
+    key_slice: int
+    long_axis_ij: tuple[tuple[float, float], tuple[float, float]]  # (column, row) end points
+    short_axis_ij: tuple[tuple[float, float], tuple[float, float]]
+    outline_ij: list[tuple[float, float]]
+    area_mm2: float  # area on key_slice
+    centroid_xyz: tuple[float, float, float]
+    mean_hu: dict[str, float] = field(default_factory=dict)  # Phase.value -> mean HU
+    # Follow-up only: the matched prior lesion (None = new lesion).
+    prior_volume_ml: float | None = None
+    is_new: bool = False
+
+
+@dataclass
+class PriorLesion:
+    """A lesion as the archive knows it from an earlier time point (read from SR + SEG)."""
+
+    tracking_id: str
+    tracking_uid: str
+    volume_ml: float
+    longest_diameter_mm: float | None = None
+    centroid_xyz: tuple[float, float, float] | None = None
+
+
+@dataclass
+class PriorStudy:
+    """What the node knows of one earlier time point of the same patient."""
+
+    study_instance_uid: str
+    study_date: str
+    lesions: list[PriorLesion]
+    liver_centroid_xyz: tuple[float, float, float] | None = None
+    sr_sop_instance_uid: str = ""
+
+
+@dataclass
+class ResponseAssessment:
+    """Follow-up versus prior: the volumetric rule of the source study."""
+
+    prior_study_instance_uid: str
+    prior_total_volume_ml: float
+    current_total_volume_ml: float
+    change_fraction: float  # (current - prior) / prior; -1.0 for complete disappearance
+    category: VolumetricResponse
+    new_lesions: int
+    vanished_lesions: list[str]  # tracking ids of prior lesions not found any more
+
+
+@dataclass
+class AnalysisResult:
+    """Everything the analysis of one study produced."""
+
+    study_instance_uid: str
+    liver_mask: np.ndarray  # bool, reference grid
+    lesion_labels: np.ndarray  # int32, reference grid, 0 = background, n = lesion label n
+    lesions: list[LesionMeasurement]
+    liver_volume_ml: float
+    liver_centroid_xyz: tuple[float, float, float]
+    response: ResponseAssessment | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_volume_ml(self) -> float:
+        return float(sum(les.volume_ml for les in self.lesions))
