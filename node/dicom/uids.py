@@ -16,3 +16,17 @@ def derive_uid(*parts: str) -> str:
     if not parts:
         raise ValueError("derive_uid needs at least one part")
     return str(generate_uid(prefix=None, entropy_srcs=["liver-node", ALGORITHM_VERSION, *parts]))
+
+
+def input_key(sop_instance_uids: list[str]) -> str:
+    """A stable key for a set of input instances (order does not matter).
+
+    Outputs derive their UIDs from the study UID plus this key, so re-analysing the same
+    instances yields the same UIDs, while a study that gained a series yields new ones.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for uid in sorted(set(sop_instance_uids)):
+        h.update(uid.encode("ascii") + b"\0")
+    return h.hexdigest()[:32]
