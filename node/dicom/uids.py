@@ -6,7 +6,7 @@ UIDs are 2.25 UUID-derived UIDs (PS3.5 B.2) from a hash of the given parts.
 
 from __future__ import annotations
 
-from pydicom.uid import generate_uid
+import hashlib
 
 from node import ALGORITHM_VERSION
 
@@ -15,7 +15,10 @@ def derive_uid(*parts: str) -> str:
     """Return a 2.25.* UID derived from ``parts`` and the algorithm version."""
     if not parts:
         raise ValueError("derive_uid needs at least one part")
-    return str(generate_uid(prefix=None, entropy_srcs=["liver-node", ALGORITHM_VERSION, *parts]))
+    # pydicom's generate_uid(prefix=None, entropy_srcs=...) ignores the entropy sources and
+    # returns a random UUID UID, so the hash is built here.
+    digest = hashlib.sha256("\0".join(["liver-node", ALGORITHM_VERSION, *parts]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def input_key(sop_instance_uids: list[str]) -> str:
@@ -24,8 +27,6 @@ def input_key(sop_instance_uids: list[str]) -> str:
     Outputs derive their UIDs from the study UID plus this key, so re-analysing the same
     instances yields the same UIDs, while a study that gained a series yields new ones.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for uid in sorted(set(sop_instance_uids)):
         h.update(uid.encode("ascii") + b"\0")

@@ -1,0 +1,299 @@
+"""The node's TID 1500 Measurement Report as a Comprehensive 3D SR.
+
+Tree (PS3.16 TID 1500; see ``sr_templates/README.md``)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observation Context (TID 1001: device observer = the algorithm)
+      Procedure Reported = CT of abdomen
+      Imaging Measurements
+        per lesion:  TID 1411 volumetric group  (Referenced Segment -> SEG, Volume [, mean HU])
+                     TID 1410 planar group      (2D closed POLYLINE on the key slice,
+                                                 Area, Long axis, Short axis)
+                     both with the SAME Tracking Identifier + Tracking UID (TID 4108)
+        liver:       TID 1501 group (Volume), Tracking UID = the SEG liver segment's
+      Qualitative Evaluations (TID 1500 row 10): disclaimer + algorithm, liver volume,
+                     response category (private code), prior/current volume, change (TEXT)
+
+Every volumetric group has a planar partner: OHIF merges groups by Tracking UID and crashes on
+a merged set without a 2D SCOORD (toolchain notes). Each lesion carries at most 5 values.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (
+    CodeContentItem,
+    ContainerContentItem,
+    ContentSequence,
+    RelationshipTypeValues,
+    TextContentItem,
+)
+
+from node import ALGORITHM_NAME, ALGORITHM_VERSION, MANUFACTURER, RESEARCH_DISCLAIMER
+from node.analysis.results import AnalysisResult, LesionMeasurement
+from node.dicom import codes
+from node.dicom.seg import contributing_equipment, liver_tracking_uid
+from node.dicom.uids import derive_uid
+from node.study.model import Study, Volume
+
+#: Series Description of every node SR (LO, <= 64 characters).
+SR_SERIES_DESCRIPTION = "liver-node SR (research use)"
+
+
+def sr_uids(study_instance_uid: str, input_key: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the SR derived from the inputs."""
+    return (
+        derive_uid(study_instance_uid, "sr", "series", input_key),
+        derive_uid(study_instance_uid, "sr", input_key),
+    )
+
+
+def observation_context() -> hd.sr.ObservationContext:
+    """TID 1001 Observation Context with the algorithm as device observer (TID 1004)."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid("device-observer", ALGORITHM_NAME),
+        name=ALGORITHM_NAME,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{ALGORITHM_NAME} {ALGORITHM_VERSION}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.OBSERVER_DEVICE, observer_identifying_attributes=device
+        )
+    )
+
+
+def _algorithm_id() -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification of every measurement group."""
+    return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=ALGORITHM_VERSION)
+
+
+def _time_point(time_point: str) -> hd.sr.TimePointContext:
+    """TID 1502 Time Point Context: Subject Time Point Identifier (126070, DCM) is TEXT."""
+    return hd.sr.TimePointContext(time_point=time_point, subject_time_point_identifier=time_point)
+
+
+def _tracking(lesion: LesionMeasurement) -> hd.sr.TrackingIdentifier:
+    """TID 4108 Tracking Identifier + Tracking UID; a fresh item set for every group."""
+    return hd.sr.TrackingIdentifier(uid=lesion.tracking_uid, identifier=lesion.tracking_id)
+
+
+def _mm(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit)
+
+
+def volumetric_group(
+    lesion: LesionMeasurement,
+    seg: hd.seg.Segmentation,
+    reference: Volume,
+    time_point: str,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one lesion: Referenced Segment -> its SEG segment, Volume in ml.
+
+    The Referenced Segment's source images are the reference slices that hold the lesion
+    (PS3.16 TID 1411 row 8). The mean HU of the reference phase, if measured, is the 5th value.
+    """
+    slices = _segment_slices(seg, lesion.label, reference)
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=lesion.label,
+        source_images=[
+            hd.sr.SourceImageForSegmentation.from_source_image(reference.datasets[k])
+            for k in slices
+        ],
+    )
+    measurements = [_mm(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML)]
+    mean_hu = lesion.mean_hu.get(reference.phase.value)
+    if mean_hu is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.ATTENUATION,
+                value=round(float(mean_hu), 2),
+                unit=codes.UNIT_HU,
+                derivation=codes.MEAN,
+            )
+        )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(lesion),
+        referenced_segment=segment,
+        time_point_context=_time_point(time_point),
+        finding_type=codes.FINDING_LESION,
+        finding_category=codes.FINDING_CATEGORY_LESION,
+        algorithm_id=_algorithm_id(),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LIVER)],
+        measurements=measurements,
+    )
+
+
+def _segment_slices(
+    seg: hd.seg.Segmentation, segment_number: int, reference: Volume
+) -> list[int]:
+    """Sorted slice indices of the reference volume whose SEG frames hold ``segment_number``."""
+    sop_to_index = {ds.SOPInstanceUID: k for k, ds in enumerate(reference.datasets)}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    slices = []
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        seg_id = frame.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        if int(seg_id[0].ReferencedSegmentNumber) != segment_number:
+            continue
+        for derivation in frame.DerivationImageSequence:
+            for source in derivation.SourceImageSequence:
+                slices.append(sop_to_index[source.ReferencedSOPInstanceUID])
+    if not slices:
+        raise ValueError(f"segment {segment_number} has no frames in the SEG")
+    return sorted(set(slices))
+
+
+def planar_group(
+    lesion: LesionMeasurement, reference: Volume, time_point: str
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of one lesion: closed 2D POLYLINE on the key slice, Area and axes.
+
+    ``outline_ij`` is (column, row) image coordinates as a 2D SCOORD holds them (PS3.3
+    C.18.6.1.1); its first point equals its last (closed POLYLINE, PS3.3 C.18.6.1.2).
+    """
+    outline = np.asarray(lesion.outline_ij, dtype=float)
+    if outline.ndim != 2 or outline.shape[0] < 4 or not np.allclose(outline[0], outline[-1]):
+        raise ValueError(f"{lesion.tracking_id}: outline_ij must be a closed polyline")
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            reference.datasets[lesion.key_slice]
+        ),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(lesion),
+        referenced_region=region,
+        time_point_context=_time_point(time_point),
+        finding_type=codes.FINDING_LESION,
+        finding_category=codes.FINDING_CATEGORY_LESION,
+        algorithm_id=_algorithm_id(),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LIVER)],
+        measurements=[
+            _mm(codes.AREA, lesion.area_mm2, codes.UNIT_MM2),
+            _mm(codes.LONG_AXIS, lesion.longest_diameter_mm, codes.UNIT_MM),
+            _mm(codes.SHORT_AXIS, lesion.short_axis_mm, codes.UNIT_MM),
+        ],
+    )
+
+
+def liver_group(
+    study: Study, result: AnalysisResult, *, input_key: str, time_point: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group (no ROI) of the liver volume; its Tracking UID is the liver segment's.
+
+    It also makes the report valid with no lesion: TID 1500 needs at least one group in
+    highdicom 0.28.2.
+    """
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=liver_tracking_uid(study.study_instance_uid, input_key), identifier="Liver"
+        ),
+        time_point_context=_time_point(time_point),
+        finding_type=codes.LIVER,
+        finding_category=codes.FINDING_CATEGORY_ANATOMY,
+        algorithm_id=_algorithm_id(),
+        measurements=[_mm(codes.VOLUME, result.liver_volume_ml, codes.UNIT_ML)],
+    )
+
+
+def _text(name: hd.sr.CodedConcept, value: str) -> TextContentItem:
+    return TextContentItem(
+        name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
+def qualitative_evaluations(result: AnalysisResult) -> ContainerContentItem:
+    """TID 1500 row 10 "Qualitative Evaluations" container (CODE / TEXT children only).
+
+    Holds the research-use disclaimer with the algorithm name and version, the liver volume,
+    and, at follow-up, the volumetric response: the category as a private code, the rule as
+    the method, prior / current total volume, change, prior study UID, new / vanished lesions.
+    """
+    items: list[TextContentItem | CodeContentItem] = [
+        _text(codes.COMMENT, f"{RESEARCH_DISCLAIMER}. {ALGORITHM_NAME} {ALGORITHM_VERSION}"),
+        _text(codes.LIVER_VOLUME_TEXT, f"{result.liver_volume_ml:.2f} ml"),
+    ]
+    resp = result.response
+    if resp is not None:
+        contains = RelationshipTypeValues.CONTAINS
+        items += [
+            CodeContentItem(codes.CURRENT_RESPONSE, codes.RESPONSE_CODES[resp.category], contains),
+            CodeContentItem(codes.RESPONSE_METHOD, codes.VOLUMETRIC_RULE, contains),
+            _text(codes.PRIOR_TOTAL_VOLUME, f"{resp.prior_total_volume_ml:.2f} ml"),
+            _text(codes.CURRENT_TOTAL_VOLUME, f"{resp.current_total_volume_ml:.2f} ml"),
+            _text(codes.VOLUME_CHANGE, f"{resp.change_fraction * 100.0:+.1f} %"),
+            _text(codes.PRIOR_STUDY_UID, resp.prior_study_instance_uid),
+            _text(codes.NEW_LESIONS, str(resp.new_lesions)),
+        ]
+        if resp.vanished_lesions:
+            items.append(_text(codes.VANISHED_LESIONS, ", ".join(resp.vanished_lesions)))
+    container = ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = ContentSequence(items)
+    return container
+
+
+def build_sr(
+    study: Study,
+    result: AnalysisResult,
+    seg: hd.seg.Segmentation,
+    *,
+    input_key: str,
+    time_point: str,
+    series_number: int = 902,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 Measurement Report (PS3.16 TID 1500; PS3.3 A.35.13 Comprehensive 3D SR).
+
+    Parameters
+    ----------
+    study, result:
+        The analysed study and its result (lesion ``k`` is SEG segment ``k``).
+    seg:
+        The SEG from :func:`node.dicom.seg.build_seg` of the same inputs; referenced by the
+        volumetric groups and listed in the evidence.
+    input_key:
+        Key of the input instances; with the study UID it determines the SR's UIDs.
+    time_point:
+        Subject Time Point Identifier (TID 1502), e.g. "baseline" or "follow-up 1".
+    series_number:
+        Series Number of the SR series.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR, instance number 1, declaring the private coding scheme.
+    """
+    if not time_point:
+        raise ValueError("time_point must not be empty")
+    reference = study.reference
+    groups: list = []
+    for lesion in sorted(result.lesions, key=lambda les: les.label):
+        groups.append(volumetric_group(lesion, seg, reference, time_point))
+        groups.append(planar_group(lesion, reference, time_point))
+    groups.append(liver_group(study, result, input_key=input_key, time_point=time_point))
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(),
+        procedure_reported=[codes.PROCEDURE_CT_ABDOMEN],
+        imaging_measurements=groups,
+        title=codes.REPORT_TITLE,
+    )
+    report[0].ContentSequence.append(qualitative_evaluations(result))
+    series_uid, sop_uid = sr_uids(study.study_instance_uid, input_key)
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*reference.datasets, seg],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=SR_SERIES_DESCRIPTION,
+        coding_schemes=[codes.private_coding_scheme()],
+        contributing_equipment=[contributing_equipment()],
+    )

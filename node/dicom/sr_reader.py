@@ -1,0 +1,207 @@
+"""Read a prior time point back from a TID 1500 SR and its SEG.
+
+Works on the node's own SRs and on any TID 1500 Measurement Report whose lesions have
+Tracking UIDs and a Volume (PS3.16 TID 1500 / 1411 / 4108): measurement groups are merged by
+Tracking Unique Identifier (as viewers do), a lesion is a merged set that holds a Volume and
+whose Finding is not the liver. Centroids come from the SEG: the pixel centroid of each segment,
+mapped to patient coordinates with each frame's Plane Position / Orientation and Pixel
+Measures (PS3.3 C.7.6.16.2.3, C.7.6.2.1.1), matched to the lesion by the segment's Tracking UID
+or, failing that, by the group's Referenced Segment number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from highdicom.sr import CodedConcept
+
+from node.analysis.results import PriorLesion, PriorStudy
+from node.dicom import codes
+
+#: Volume units (UCUM code value) -> factor to millilitres.
+_VOLUME_TO_ML = {"ml": 1.0, "mL": 1.0, "cm3": 1.0, "mm3": 1e-3, "l": 1e3, "L": 1e3}
+#: Length units -> factor to millimetres.
+_LENGTH_TO_MM = {"mm": 1.0, "cm": 10.0, "m": 1e3, "um": 1e-3}
+
+
+@dataclass
+class _Group:
+    """What the reader keeps of the measurement groups sharing one Tracking UID."""
+
+    tracking_uid: str
+    tracking_id: str = ""
+    volume_ml: float | None = None
+    long_axis_mm: float | None = None
+    segment_number: int | None = None
+    is_liver: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _is(item: pydicom.Dataset, concept: CodedConcept) -> bool:
+    """Whether a content item's Concept Name is ``concept`` (code value + scheme)."""
+    name = getattr(item, "ConceptNameCodeSequence", None)
+    if not name:
+        return False
+    return bool(
+        name[0].CodeValue == concept.value
+        and name[0].CodingSchemeDesignator == concept.scheme_designator
+    )
+
+
+def _children(item: pydicom.Dataset) -> list[pydicom.Dataset]:
+    return list(getattr(item, "ContentSequence", []) or [])
+
+
+def _measurement_groups(sr: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    """The Measurement Group containers of the Imaging Measurements container (TID 1500)."""
+    for item in _children(sr):
+        if _is(item, codes.IMAGING_MEASUREMENTS):
+            for group in _children(item):
+                if group.ValueType == "CONTAINER" and _is(group, codes.MEASUREMENT_GROUP):
+                    yield group
+
+
+def _num(item: pydicom.Dataset) -> tuple[float, str]:
+    """(value, UCUM unit code value) of a NUM content item (PS3.3 C.18.1)."""
+    mv = item.MeasuredValueSequence[0]
+    return float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue)
+
+
+def _read_group(group: pydicom.Dataset, merged: dict[str, _Group]) -> None:
+    """Fold one measurement group into ``merged`` (keyed by Tracking UID)."""
+    items = _children(group)
+    uid = next((str(i.UID) for i in items if _is(i, codes.TRACKING_UID)), None)
+    if uid is None:
+        return  # no Tracking UID: cannot be tracked across time points
+    entry = merged.setdefault(uid, _Group(tracking_uid=uid))
+    for item in items:
+        if _is(item, codes.TRACKING_IDENTIFIER) and not entry.tracking_id:
+            entry.tracking_id = str(item.TextValue)
+        elif _is(item, codes.FINDING) and item.ValueType == "CODE":
+            entry.is_liver |= item.ConceptCodeSequence[0].CodeValue == codes.LIVER.value
+        elif _is(item, codes.REFERENCED_SEGMENT) and item.ValueType == "IMAGE":
+            ref = item.ReferencedSOPSequence[0]
+            if "ReferencedSegmentNumber" in ref:
+                entry.segment_number = int(ref.ReferencedSegmentNumber)
+        elif item.ValueType == "NUM" and getattr(item, "MeasuredValueSequence", None):
+            value, unit = _num(item)
+            if _is(item, codes.VOLUME) and unit in _VOLUME_TO_ML and entry.volume_ml is None:
+                entry.volume_ml = value * _VOLUME_TO_ML[unit]
+            elif _is(item, codes.LONG_AXIS) and unit in _LENGTH_TO_MM:
+                entry.long_axis_mm = value * _LENGTH_TO_MM[unit]
+            elif _is(item, codes.DIAMETER) and unit in _LENGTH_TO_MM:
+                entry.extra["diameter_mm"] = value * _LENGTH_TO_MM[unit]
+
+
+def _frame_attr(frame: pydicom.Dataset, shared: pydicom.Dataset, name: str) -> pydicom.Dataset:
+    """A functional group macro from the per-frame item, else from the shared item."""
+    if name in frame:
+        return frame[name].value[0]
+    return shared[name].value[0]
+
+
+def segment_centroids(seg: pydicom.Dataset) -> dict[int, tuple[float, float, float]]:
+    """Patient-coordinate centroid (LPS, mm) of every non-empty segment of a SEG.
+
+    Each frame's pixels are mapped with IPP + j * dx * row_cosine + i * dy * column_cosine
+    (PS3.3 C.7.6.2.1.1); pixel centres are at integer (row, column) indices.
+    """
+    frames = seg.pixel_array
+    if frames.ndim == 2:
+        frames = frames[np.newaxis]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        segment = int(_frame_attr(frame, shared, "SegmentIdentificationSequence")
+                      .ReferencedSegmentNumber)
+        rows, cols = np.nonzero(frames[n])
+        if rows.size == 0:
+            continue
+        ipp = np.asarray(_frame_attr(frame, shared, "PlanePositionSequence")
+                         .ImagePositionPatient, dtype=float)
+        iop = np.asarray(_frame_attr(frame, shared, "PlaneOrientationSequence")
+                         .ImageOrientationPatient, dtype=float)
+        spacing = _frame_attr(frame, shared, "PixelMeasuresSequence").PixelSpacing
+        dy, dx = float(spacing[0]), float(spacing[1])
+        xyz = ipp + np.outer(cols * dx, iop[:3]) + np.outer(rows * dy, iop[3:])
+        sums[segment] = sums.get(segment, np.zeros(3)) + xyz.sum(axis=0)
+        counts[segment] = counts.get(segment, 0) + rows.size
+    return {
+        s: (float(v[0]), float(v[1]), float(v[2]))
+        for s, v in ((s, sums[s] / counts[s]) for s in sums)
+    }
+
+
+def _seg_segments(seg: pydicom.Dataset) -> tuple[dict[str, int], int | None]:
+    """(Tracking UID -> segment number, number of the liver segment or None)."""
+    by_uid: dict[str, int] = {}
+    liver = None
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        if "TrackingUID" in item:
+            by_uid[str(item.TrackingUID)] = number
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        if prop.CodeValue == codes.LIVER.value and prop.CodingSchemeDesignator == "SCT":
+            liver = number
+    return by_uid, liver
+
+
+def read_prior(sr: pydicom.Dataset, seg: pydicom.Dataset | None) -> PriorStudy:
+    """Parse a TID 1500 SR (and optionally its SEG) into a :class:`PriorStudy`.
+
+    Parameters
+    ----------
+    sr:
+        A TID 1500 Measurement Report (any SR storage class).
+    seg:
+        The SEG referenced by the SR's volumetric groups, or None (then no centroids).
+
+    Returns
+    -------
+    PriorStudy
+        One :class:`PriorLesion` per tracked lesion that has a Volume (converted to ml),
+        ordered as in the SR; the study UID and date come from the SR.
+
+    Raises
+    ------
+    ValueError
+        If ``sr`` is not a TID 1500 Measurement Report.
+    """
+    template = getattr(sr, "ContentTemplateSequence", None)
+    if not template or str(template[0].TemplateIdentifier) != "1500":
+        raise ValueError("sr is not a TID 1500 Measurement Report")
+    merged: dict[str, _Group] = {}
+    for group in _measurement_groups(sr):
+        _read_group(group, merged)
+    centroids: dict[int, tuple[float, float, float]] = {}
+    by_uid: dict[str, int] = {}
+    liver_segment = None
+    if seg is not None:
+        centroids = segment_centroids(seg)
+        by_uid, liver_segment = _seg_segments(seg)
+    lesions = []
+    for entry in merged.values():
+        liver_uid = liver_segment is not None and by_uid.get(entry.tracking_uid) == liver_segment
+        if entry.volume_ml is None or entry.is_liver or liver_uid:
+            continue
+        number = by_uid.get(entry.tracking_uid, entry.segment_number)
+        lesions.append(
+            PriorLesion(
+                tracking_id=entry.tracking_id or entry.tracking_uid,
+                tracking_uid=entry.tracking_uid,
+                volume_ml=entry.volume_ml,
+                longest_diameter_mm=entry.long_axis_mm or entry.extra.get("diameter_mm"),
+                centroid_xyz=centroids.get(number) if number is not None else None,
+            )
+        )
+    return PriorStudy(
+        study_instance_uid=str(sr.StudyInstanceUID),
+        study_date=str(getattr(sr, "StudyDate", "") or ""),
+        lesions=lesions,
+        liver_centroid_xyz=centroids.get(liver_segment) if liver_segment is not None else None,
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+    )
