@@ -1,0 +1,6 @@
+"""Network in: the storage SCP, the durable spool and study-complete detection."""
+
+from node.ingest.server import NodeServer
+from node.ingest.spool import Spool, StudyState
+
+__all__ = ["NodeServer", "Spool", "StudyState"]

@@ -1,0 +1,320 @@
+"""The durable spool: instance files on disk plus a SQLite (WAL) index of instances and studies.
+
+Layout: ``<spool_dir>/studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+(DICOM Part 10 files, PS3.10) and ``<spool_dir>/index.sqlite3``. A file is written to a temporary
+name in its final directory, fsync'ed, renamed over the final name and the directory fsync'ed,
+then indexed; only then is the instance acknowledged, so an acknowledged instance survives a
+crash or power loss.
+
+Study states: ``pending`` (receiving; becomes complete after ``stable_seconds`` of silence),
+``queued``, ``processing``, ``done``, ``failed``. Any new instance puts a study back to
+``pending``, so a study that grows after it was processed is processed again.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.errors import IngestError
+
+logger = logging.getLogger(__name__)
+
+# PS3.5 9.1: a UID is at most 64 characters of digits and dots, components without leading
+# zeros. Only such strings become path components, which also rules out path traversal.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    last_received REAL NOT NULL,
+    processed_count INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class StudyState(enum.Enum):
+    """Where a study is in its life cycle in the node."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class StoreOutcome(enum.Enum):
+    """What :meth:`Spool.store` did with an instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: nothing changed
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: the new one wins
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One indexed instance."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    size: int
+    sha256: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One indexed study."""
+
+    study_instance_uid: str
+    state: StudyState
+    last_received: float
+    processed_count: int
+    error: str
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True if ``uid`` is a well-formed DICOM UID (PS3.5 9.1)."""
+    return len(uid) <= 64 and _UID_RE.match(uid) is not None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durable(path: Path, root: Path) -> None:
+    """Create ``path`` (below ``root``) and fsync every parent whose entry list changed."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != root:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        _fsync_dir(created.parent)
+
+
+def write_durably(path: Path, data: bytes, root: Path) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+    _make_dirs_durable(path.parent, root)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class Spool:
+    """Durable instance store with a SQLite index; safe to use from many threads.
+
+    Parameters
+    ----------
+    root:
+        The spool directory; created if missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.studies_dir = self.root / "studies"
+        self.studies_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.root / "index.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the C-STORE response goes out.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        # Studies interrupted by a stop or crash are processed again.
+        with self._lock:
+            self._db.execute(
+                "UPDATE studies SET state=?, updated_at=? WHERE state IN (?, ?)",
+                (StudyState.PENDING.value, time.time(), "queued", "processing"),
+            )
+
+    def close(self) -> None:
+        """Close the index."""
+        with self._lock:
+            self._db.close()
+
+    def study_dir(self, study_instance_uid: str) -> Path:
+        """The directory holding a study's series directories."""
+        if not is_valid_uid(study_instance_uid):
+            raise IngestError(f"invalid Study Instance UID {study_instance_uid!r}")
+        return self.studies_dir / study_instance_uid
+
+    def store(
+        self,
+        data: bytes,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+    ) -> StoreOutcome:
+        """Write one Part 10 file durably and index it; the study becomes pending.
+
+        Raises
+        ------
+        IngestError
+            A UID is malformed (it would not be a safe path component).
+        OSError, sqlite3.Error
+            The file or the index could not be written.
+        """
+        for name, uid in [
+            ("Study Instance UID", study_instance_uid),
+            ("Series Instance UID", series_instance_uid),
+            ("SOP Instance UID", sop_instance_uid),
+        ]:
+            if not is_valid_uid(uid):
+                raise IngestError(f"invalid {name} {uid!r}")
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.studies_dir / study_instance_uid / series_instance_uid
+        path = path / f"{sop_instance_uid}.dcm"
+        old = self.instance(sop_instance_uid)
+        if old is not None and old.sha256 == digest and old.path == path and path.exists():
+            return StoreOutcome.DUPLICATE
+        write_durably(path, data, self.studies_dir)
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,
+                     str(path), len(data), digest, now),
+                )
+                self._db.execute(
+                    "INSERT INTO studies (study_instance_uid, state, last_received, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET"
+                    " state=excluded.state, last_received=excluded.last_received,"
+                    " updated_at=excluded.updated_at",
+                    (study_instance_uid, StudyState.PENDING.value, now, now),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if old is None:
+            return StoreOutcome.STORED
+        if old.path != path:
+            # Same SOP instance now filed under another study/series: drop the stale copy.
+            old.path.unlink(missing_ok=True)
+        return StoreOutcome.REPLACED
+
+    def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """The indexed instance with this SOP Instance UID, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+            ).fetchone()
+        return None if row is None else _instance(row)
+
+    def instances(self, study_instance_uid: str) -> list[InstanceRecord]:
+        """Every indexed instance of a study, by series then SOP Instance UID."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE study_instance_uid=?"
+                " ORDER BY series_instance_uid, sop_instance_uid",
+                (study_instance_uid,),
+            ).fetchall()
+        return [_instance(r) for r in rows]
+
+    def study(self, study_instance_uid: str) -> StudyRecord | None:
+        """The index entry of a study, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_instance_uid, state, last_received, processed_count, error"
+                " FROM studies WHERE study_instance_uid=?",
+                (study_instance_uid,),
+            ).fetchone()
+        return None if row is None else _study(row)
+
+    def studies(self, state: StudyState | None = None) -> list[StudyRecord]:
+        """All studies, or those in ``state``, oldest activity first."""
+        query = (
+            "SELECT study_instance_uid, state, last_received, processed_count, error"
+            " FROM studies"
+        )
+        args: tuple[str, ...] = ()
+        if state is not None:
+            query += " WHERE state=?"
+            args = (state.value,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY last_received", args).fetchall()
+        return [_study(r) for r in rows]
+
+    def set_state(
+        self,
+        study_instance_uid: str,
+        state: StudyState,
+        *,
+        expect: StudyState | None = None,
+        error: str = "",
+    ) -> bool:
+        """Move a study to ``state`` (only from ``expect`` if given); True if it moved.
+
+        The compare-and-set keeps a study that received new instances during processing
+        pending instead of marking it done.
+        """
+        query = "UPDATE studies SET state=?, error=?, updated_at=?"
+        args: list[object] = [state.value, error, time.time()]
+        if state in (StudyState.DONE, StudyState.FAILED):
+            query += ", processed_count=processed_count+1"
+        query += " WHERE study_instance_uid=?"
+        args.append(study_instance_uid)
+        if expect is not None:
+            query += " AND state=?"
+            args.append(expect.value)
+        with self._lock:
+            cur = self._db.execute(query, args)
+        return cur.rowcount == 1
+
+
+def _instance(row: tuple[Any, ...]) -> InstanceRecord:
+    sop, study, series, sop_class, path, size, digest, received = row
+    return InstanceRecord(
+        str(sop), str(study), str(series), str(sop_class), Path(str(path)),
+        int(size), str(digest), float(received),
+    )
+
+
+def _study(row: tuple[Any, ...]) -> StudyRecord:
+    uid, state, last, count, error = row
+    return StudyRecord(str(uid), StudyState(state), float(last), int(count), str(error))
