@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
 
-from node.analysis.results import PriorLesion, PriorStudy
+from node.analysis.results import PriorLesion, PriorStudy, VolumetricResponse
 from node.dicom import codes
 
 #: Volume units (UCUM code value) -> factor to millilitres.
@@ -205,3 +205,20 @@ def read_prior(sr: pydicom.Dataset, seg: pydicom.Dataset | None) -> PriorStudy:
         liver_centroid_xyz=centroids.get(liver_segment) if liver_segment is not None else None,
         sr_sop_instance_uid=str(sr.SOPInstanceUID),
     )
+
+
+def read_response(sr: pydicom.Dataset) -> VolumetricResponse | None:
+    """The volumetric response category of a node SR, or None (baseline, or not a node SR).
+
+    Reads the Current Response CODE item of the report's Qualitative Evaluations container
+    (see :func:`node.dicom.sr.qualitative_evaluations`).
+    """
+    by_code = {(c.value, c.scheme_designator): r for r, c in codes.RESPONSE_CODES.items()}
+    for container in _children(sr):
+        if not _is(container, codes.QUALITATIVE_EVALUATIONS):
+            continue
+        for item in _children(container):
+            if item.ValueType == "CODE" and _is(item, codes.CURRENT_RESPONSE):
+                code = item.ConceptCodeSequence[0]
+                return by_code.get((str(code.CodeValue), str(code.CodingSchemeDesignator)))
+    return None
