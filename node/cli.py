@@ -12,9 +12,10 @@ from node import ALGORITHM_NAME, RESEARCH_DISCLAIMER, __version__
 logger = logging.getLogger("node")
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # pynetdicom and highdicom log every PDU / copied module at INFO: keep them at WARNING.
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    # the demo prints its own account; its components' INFO lines only with -v
+    _setup_logging(args.verbose, quiet=args.command == "demo")
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

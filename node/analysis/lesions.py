@@ -1,0 +1,466 @@
+"""Multi-phase detection and delineation of liver metastases (classical, CPU).
+
+Per phase, attenuation is expressed as the deviation from the liver's robust median, in units
+of the liver's robust SD (both measured on this image, so no scanner/protocol constants). The
+directions that indicate tumour are rules kept as data (:data:`DIRECTIONS`): NET metastases are
+hyper-enhancing in the arterial phase and wash out (hypo) in the delayed phase; necrosis is hypo
+in every phase; lipiodol after TACE is very dense in every phase, the plain scan included.
+Bright in the portal venous phase (and not more so in the arterial one) means vessel, not tumour.
+
+Detection: hysteresis on the combined score. Delineation: per lesion, each voxel's partial-volume
+fraction is estimated by projecting its deviation vector onto the lesion's own signature
+(matched filter over phases); the lesion is where that fraction is >= 0.5, the half-contrast
+level that makes voxel counting unbiased for thick slices. A partial-volume sum over the
+border (``partial_volume``) is implemented but off: with a rim that enhances more than the
+centre, the core signature under-estimates the border contrast and the sum over-estimates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from node.analysis.liver import robust_stats
+from node.study.model import Geometry, Phase
+
+#: Which deviations count as tumour evidence, per phase: (hyper allowed, hypo allowed).
+DIRECTIONS: dict[Phase, tuple[bool, bool]] = {
+    Phase.ARTERIAL: (True, True),
+    Phase.PORTAL_VENOUS: (False, True),
+    Phase.DELAYED: (False, True),
+    Phase.NATIVE: (False, True),
+    Phase.UNKNOWN: (False, True),
+}
+
+#: Blood pool rule per phase: (z above liver, minimal ratio to the arterial excess). Blood
+#: (vessels, IVC, residual misregistration of vessels) is bright in the portal venous and
+#: delayed phases; tumour is iso in the portal venous phase and washes out (hypo) when delayed.
+VESSEL_RULES: dict[Phase, tuple[float, float]] = {
+    Phase.PORTAL_VENOUS: (3.0, 0.6),
+    Phase.DELAYED: (2.0, 0.3),
+}
+
+PARAMS: dict[str, Any] = {
+    "smooth_mm": 1.5,  # in-plane sigma of the (liver-restricted) smoothing
+    "min_sd_hu": 2.0,  # floor of the liver SD (noise-free images)
+    "seed_z": 6.0,  # combined score of a lesion core
+    "lipiodol_hu": 70.0,  # lipiodol: this much denser than liver in every phase...
+    "lipiodol_z": 6.0,  # ...and this many SD
+    "core_margin_mm": 2.0,  # seeds must lie this far inside the liver (surface partial volume)
+    "search_margin_mm": 10.0,  # lesions may extend this far beyond the liver mask
+    "vessel_margin_sigmas": 2.0,  # no seeds this close (x smoothing sigma) to blood pool
+    "min_inside": 0.5,  # fraction of a lesion that must lie in the liver mask
+    "min_volume_ml": 0.1,
+    "min_contrast_hu": 10.0,  # a lesion must differ by this much in some phase
+    "small_ml": 0.5,  # candidates smaller than this need evidence in several phases:
+    "small_min_phases": 2,  # ...at least this many phases with...
+    "support_z": 2.0,  # ...a median deviation of this many SD in the tumour direction
+    "tubular_fill": 0.4,  # small candidates filling less of their extent's disk are vessels
+    "tubular_max_ml": 2.0,  # ...up to this volume
+    "half_level": 0.5,  # partial-volume fraction at the lesion border
+    "core_percentile": 75.0,  # signature from the component's voxels above this percentile
+    "min_group_share": 0.1,  # a signature group needs this share of the core voxels
+    # Optional refinements, off by default: on the phantoms they over-estimated volumes of
+    # lesions whose rim enhances more than their centre (see the module docstring).
+    "rim_correction": False,  # rescale fractions by the contrast just inside the border
+    "partial_volume": False,  # volume = interior + sum of border fractions (else voxel count)
+    "rim_start_sigmas": 1.5,  # rim band for the border contrast: from this deep (+ half a px)
+    "rim_width_mm": 2.5,  # ...this wide
+    "rim_min_voxels": 20,
+    "rim_scale_range": (0.7, 1.5),
+    "halo_sigmas": 2.5,  # partial-volume halo: this many smoothing sigmas (+ one pixel)
+    "fraction_clip": (-0.5, 1.5),  # border fractions are clipped to this range
+}
+
+
+@dataclass
+class LesionMaps:
+    """Detection output on the reference grid."""
+
+    labels: np.ndarray  # int32, 0 background, 1..n lesions (in detection order)
+    volumes_ml: dict[int, float] = field(default_factory=dict)  # partial-volume aware
+    notes: list[str] = field(default_factory=list)
+
+
+def masked_smooth(array: np.ndarray, region: np.ndarray, geometry: Geometry,
+                  sigma_mm: float) -> np.ndarray:
+    """Gaussian smoothing that uses only voxels inside ``region`` (normalised convolution).
+
+    Fat and air next to the liver then do not bleed into liver voxels at the surface.
+    """
+    _, dy, dx = geometry.spacing
+    sigma = (0.0, sigma_mm / dy, sigma_mm / dx)
+    w = region.astype(np.float32)
+    num = ndimage.gaussian_filter(array.astype(np.float32) * w, sigma)
+    den = ndimage.gaussian_filter(w, sigma)
+    out = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
+    return out
+
+
+def _inplane_distance(mask: np.ndarray, geometry: Geometry, inside: bool) -> np.ndarray:
+    """Per-slice distance (mm) to the mask border, from inside (or from outside)."""
+    _, dy, dx = geometry.spacing
+    out = np.zeros(mask.shape, dtype=np.float32)
+    for k in range(mask.shape[0]):
+        m = mask[k] if inside else ~mask[k]
+        if m.all():
+            out[k] = np.inf
+        elif m.any():
+            out[k] = ndimage.distance_transform_edt(m, sampling=(dy, dx))
+    return out
+
+
+def deviations(
+    phases: Mapping[Phase, np.ndarray], liver: np.ndarray, region: np.ndarray,
+    geometry: Geometry,
+) -> tuple[dict[Phase, np.ndarray], dict[Phase, float]]:
+    """Smoothed deviation from the liver median (HU) per phase, and the liver SD per phase."""
+    devs: dict[Phase, np.ndarray] = {}
+    sds: dict[Phase, float] = {}
+    for phase, arr in phases.items():
+        sm = masked_smooth(arr, region, geometry, PARAMS["smooth_mm"])
+        med, sd = robust_stats(sm[liver])
+        devs[phase] = sm - np.float32(med)
+        sds[phase] = max(sd, PARAMS["min_sd_hu"])
+    return devs, sds
+
+
+def evidence_vector(
+    devs: Mapping[Phase, np.ndarray], sds: Mapping[Phase, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Combined score, vessel map and lipiodol map.
+
+    Returns
+    -------
+    tuple
+        (score in SD units, vessel bool map, lipiodol bool map).
+    """
+    shape = next(iter(devs.values())).shape
+    score2 = np.zeros(shape, dtype=np.float32)
+    lipiodol = np.ones(shape, dtype=bool)
+    for phase, d in devs.items():
+        lipiodol &= (d > PARAMS["lipiodol_hu"]) & (d > PARAMS["lipiodol_z"] * sds[phase])
+    vessel = np.zeros(shape, dtype=bool)
+    # Blood pool (vessels, IVC): hyper in the portal venous or delayed phase, at least about
+    # as much as in the arterial phase. Tumour is iso (portal) and washes out (delayed).
+    for phase, (z_min, ratio) in VESSEL_RULES.items():
+        dev = devs.get(phase)
+        if dev is None:
+            continue
+        pool = dev > z_min * sds[phase]
+        art = devs.get(Phase.ARTERIAL)
+        if art is not None:
+            pool &= dev >= ratio * art
+        vessel |= pool
+    vessel &= ~lipiodol
+    for phase, d in devs.items():
+        hyper, hypo = DIRECTIONS.get(phase, (False, True))
+        z = d / np.float32(sds[phase])
+        if hyper:
+            score2 += np.where(z > 0, z, 0) ** 2
+        if hypo:
+            score2 += np.where(z < 0, z, 0) ** 2
+    score = np.sqrt(score2)
+    score[vessel] = 0.0
+    score[lipiodol] = np.maximum(score[lipiodol], PARAMS["seed_z"] * 2)
+    return score, vessel, lipiodol
+
+
+def detect_lesions(
+    phases: Mapping[Phase, np.ndarray], liver: np.ndarray, body: np.ndarray,
+    geometry: Geometry,
+) -> LesionMaps:
+    """Detect and delineate lesions in and at the border of the liver.
+
+    Parameters
+    ----------
+    phases:
+        HU volumes on the reference grid, already aligned.
+    liver:
+        Liver mask on the reference grid.
+    body:
+        Soft-tissue region (no fat/air) allowed for lesion extent outside the liver mask.
+    geometry:
+        Reference grid geometry.
+    """
+    outside_dist = _inplane_distance(liver, geometry, inside=False)
+    search = (liver | (outside_dist <= PARAMS["search_margin_mm"])) & body
+    core = _inplane_distance(liver, geometry, inside=True) > PARAMS["core_margin_mm"]
+    # The first and last liver slice are partial volume with what lies above / below.
+    core[1:-1] &= liver[:-2] & liver[2:]
+    core[[0, -1]] = False
+    devs, sds = deviations(phases, core, search, geometry)
+    score, vessel, lipiodol = evidence_vector(devs, sds)
+    score[~search] = 0.0
+    # Blurred / misregistered vessel borders look like arterial enhancement: no seeds there.
+    near_vessel = _inplane_distance(vessel, geometry, inside=False) <= (
+        PARAMS["vessel_margin_sigmas"] * PARAMS["smooth_mm"])
+    seeds = (score > PARAMS["seed_z"]) & core & ~near_vessel
+    labels, n = ndimage.label(seeds)
+    boxes = ndimage.find_objects(labels)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    out = np.zeros(liver.shape, dtype=np.int32)
+    fraction = np.zeros(liver.shape, dtype=np.float32)
+    notes: list[str] = []
+    next_label = 1
+    # Largest seeds first; a seed inside an already delineated lesion adds nothing.
+    for lab in sorted(range(1, n + 1), key=lambda i: (-sizes[i], i)):
+        sl = boxes[lab - 1]
+        if sl is None or np.all(out[sl][labels[sl] == lab] > 0):
+            continue
+        region = _delineate(labels, lab, sl, devs, sds, lipiodol, search & ~vessel, geometry)
+        if region is None:
+            continue
+        box, mask, frac = region
+        if not _accept(mask, liver[box], devs, sds, box, geometry, notes):
+            continue
+        np.maximum(fraction[box], frac, out=fraction[box])
+        if _paint_lesion(out, box, mask, next_label):
+            next_label += 1
+    out = _compact_labels(out)
+    volumes = partial_volumes(out, fraction, search & ~near_vessel, geometry)
+    return LesionMaps(labels=out, volumes_ml=volumes, notes=notes)
+
+
+def partial_volumes(labels: np.ndarray, fraction: np.ndarray, allowed: np.ndarray,
+                    geometry: Geometry) -> dict[int, float]:
+    """Lesion volumes that account for partial volume at the border; adjusts ``labels``.
+
+    Interior voxels count fully; border voxels and a thin halo around the lesion count with
+    their estimated lesion fraction. Smoothing, interpolation and thick slices spread a
+    lesion's contrast but conserve its integral, so this sum is unbiased where plain voxel
+    counting depends on where the slices happen to cut the lesion. The label map is then
+    made volume-consistent: the lesion keeps its interior plus the border/halo voxels of
+    highest fraction until its voxel count matches that volume (modified in place).
+    """
+    _, dy, dx = geometry.spacing
+    halo_mm = PARAMS["halo_sigmas"] * PARAMS["smooth_mm"] + max(dy, dx)
+    ry, rx = int(np.ceil(halo_mm / dy)), int(np.ceil(halo_mm / dx))
+    yy, xx = np.mgrid[-ry:ry + 1, -rx:rx + 1]
+    disk = (yy * dy) ** 2 + (xx * dx) ** 2 <= halo_mm ** 2
+    # In-plane halo on the lesion's slices and the slices just above and below.
+    ball = np.stack([disk, disk, disk])
+    volumes: dict[int, float] = {}
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        box = _grow_box(sl, labels.shape, geometry, halo_mm + max(geometry.spacing))
+        view = labels[box]
+        mask = view == lab
+        interior = ndimage.binary_erosion(mask, border_value=1)
+        shell = ndimage.binary_dilation(mask, structure=ball) & ~interior
+        shell &= (allowed[box] | mask) & ((view == 0) | mask)
+        if not PARAMS["partial_volume"]:
+            volumes[lab] = float(mask.sum()) * geometry.voxel_volume_ml
+            continue
+        f = fraction[box][shell]
+        # Clipping only far outside [0, 1] keeps noise (zero mean) from biasing the sum.
+        pv = float(np.clip(f, *PARAMS["fraction_clip"]).sum())
+        n_total = float(interior.sum()) + max(pv, 0.0)
+        volumes[lab] = n_total * geometry.voxel_volume_ml
+        n_shell = int(round(n_total)) - int(interior.sum())
+        order = np.argsort(-f, kind="stable")[: max(n_shell, 0)]
+        keep = np.zeros(f.shape, dtype=bool)
+        keep[order] = True
+        new = interior.copy()
+        new[shell] = keep
+        view[mask & ~new] = 0
+        view[new] = lab
+    return volumes
+
+
+def _paint_lesion(out: np.ndarray, box: tuple[slice, ...], mask: np.ndarray,
+                  label: int) -> bool:
+    """Write a lesion into the label map; merge it into lesions it overlaps.
+
+    Returns True when ``label`` was used (a new lesion), False when it merged.
+    """
+    view = out[box]
+    touched = np.unique(view[mask])
+    touched = touched[touched > 0]
+    if touched.size == 0:
+        view[mask] = label
+        return True
+    # The same lesion reached from another seed.
+    view[mask & (view == 0)] = int(touched[0])
+    for t in touched[1:]:
+        out[out == t] = int(touched[0])
+    return False
+
+
+def _compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Renumber labels 1..n in order of first appearance value."""
+    values = np.unique(labels)
+    values = values[values > 0]
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
+    lut[values] = np.arange(1, values.size + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def _grow_box(sl: tuple[slice, ...], shape: tuple[int, ...], geometry: Geometry,
+              margin_mm: float) -> tuple[slice, ...]:
+    """Bounding box enlarged by ``margin_mm`` (at least one voxel) on every side."""
+    out = []
+    for s, n, sp in zip(sl, shape, geometry.spacing, strict=True):
+        m = max(1, int(np.ceil(margin_mm / sp)))
+        out.append(slice(max(0, s.start - m), min(n, s.stop + m)))
+    return tuple(out)
+
+
+def _delineate(
+    labels: np.ndarray, lab: int, sl: tuple[slice, ...], devs: Mapping[Phase, np.ndarray],
+    sds: Mapping[Phase, float], lipiodol: np.ndarray, search: np.ndarray,
+    geometry: Geometry,
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """Half-contrast delineation of one candidate by matched filtering of its signatures.
+
+    ``search`` excludes vessels, so an adjacent enhancing vessel is not absorbed.
+
+    Returns
+    -------
+    tuple or None
+        (bounding box, lesion mask in the box, estimated lesion fraction in the box).
+    """
+    extent = max((s.stop - s.start) * sp for s, sp in zip(sl[1:], geometry.spacing[1:],
+                                                          strict=True))
+    box = _grow_box(sl, labels.shape, geometry, extent + 2 * PARAMS["smooth_mm"] + 3.0)
+    comp = labels[box] == lab
+    d = np.stack([devs[p][box] for p in devs])  # (phases, z, y, x)
+    w = np.array([1.0 / sds[p] ** 2 for p in devs], dtype=np.float32)
+    frac = np.zeros(comp.shape, dtype=np.float32)
+    for group in _signature_groups(comp, d, lipiodol[box], list(devs)):
+        sig = np.median(d[:, group], axis=1)  # the group's plateau deviation per phase
+        norm = float(np.sum(w * sig * sig))
+        # A weak signature would turn noise into large fractions: it must be seed-strong.
+        if norm < PARAMS["seed_z"] ** 2:
+            continue
+        f = np.tensordot(w * sig, d, axes=1) / np.float32(norm)
+        frac = np.maximum(frac, f)
+    mask = _half_level_region(frac, comp, search[box])
+    if mask is None:
+        return None
+    # The border's contrast, not the core's, sets the half level: heterogeneous lesions
+    # (less enhancing centre, necrosis) have a core signature weaker than their rim.
+    scale = _rim_scale(frac, mask, geometry) if PARAMS["rim_correction"] else 1.0
+    if scale != 1.0:
+        frac /= np.float32(scale)
+        mask = _half_level_region(frac, comp, search[box])
+        if mask is None:
+            return None
+    mask = ndimage.binary_fill_holes(mask)
+    for k in range(mask.shape[0]):
+        mask[k] = ndimage.binary_fill_holes(mask[k])
+    return box, mask, frac
+
+
+def _half_level_region(frac: np.ndarray, comp: np.ndarray,
+                       search: np.ndarray) -> np.ndarray | None:
+    """Voxels at or above the half level that are connected to the seed component."""
+    inside = (frac >= PARAMS["half_level"]) & search
+    lab_in, _ = ndimage.label(inside)
+    keep = np.unique(lab_in[comp & inside])
+    mask = np.isin(lab_in, keep[keep > 0])
+    return mask if mask.any() else None
+
+
+def _rim_scale(frac: np.ndarray, mask: np.ndarray, geometry: Geometry) -> float:
+    """Median lesion fraction in a band just inside the border, beyond the blur's reach.
+
+    Only slices with lesion above and below count (no through-plane partial volume). Returns
+    1.0 when the lesion is too small for such a band.
+    """
+    _, dy, dx = geometry.spacing
+    start = PARAMS["rim_start_sigmas"] * PARAMS["smooth_mm"] + 0.5 * max(dy, dx)
+    depth = _inplane_distance(mask, geometry, inside=True)
+    band = (depth > start) & (depth <= start + PARAMS["rim_width_mm"])
+    band[1:-1] &= mask[:-2] & mask[2:]
+    band[[0, -1]] = False
+    if band.sum() < PARAMS["rim_min_voxels"]:
+        return 1.0
+    lo, hi = PARAMS["rim_scale_range"]
+    return float(np.clip(np.median(frac[band]), lo, hi))
+
+
+def _signature_groups(comp: np.ndarray, d: np.ndarray, lipiodol: np.ndarray,
+                      phases: list[Phase]) -> list[np.ndarray]:
+    """Voxel groups of the lesion core with one signature each: lipiodol, enhancing, other.
+
+    The core is the strongest quarter of the component, so the signature is the plateau,
+    not the partial-volume border.
+    """
+    mag = np.sqrt(np.sum(d[:, comp] ** 2, axis=0))
+    core = np.zeros_like(comp)
+    core[comp] = mag >= np.percentile(mag, PARAMS["core_percentile"])
+    groups: list[np.ndarray] = []
+    lip = core & lipiodol
+    rest = core & ~lipiodol
+    if Phase.ARTERIAL in phases:
+        art = d[phases.index(Phase.ARTERIAL)]
+        parts = [rest & (art > 0), rest & (art <= 0)]
+    else:
+        parts = [rest]
+    n_core = int(core.sum())
+    for g in [lip, *parts]:
+        if g.sum() >= max(5, PARAMS["min_group_share"] * n_core):
+            groups.append(g)
+    if not groups:
+        groups.append(comp)
+    return groups
+
+
+def _fill_ratio(mask: np.ndarray, geometry: Geometry) -> float:
+    """Area on the slice of largest area over the disk spanned by its longest extent.
+
+    About 1 for round, 0.67 for a 3:2 ellipse, small for thin or curved tubes (vessels).
+    """
+    k = int(np.argmax(mask.sum(axis=(1, 2))))
+    ii, jj = np.nonzero(mask[k])
+    if ii.size < 3:
+        return 1.0
+    _, dy, dx = geometry.spacing
+    pts = np.column_stack([ii * dy, jj * dx])
+    if len(pts) > 400:  # the extent needs only the outline; subsample big regions
+        pts = pts[:: len(pts) // 400 + 1]
+    extent = float(np.max(np.linalg.norm(pts[:, None] - pts[None], axis=-1))) + max(dy, dx)
+    return float(ii.size * dy * dx / (np.pi / 4.0 * extent**2))
+
+
+def _phase_support(mask: np.ndarray, devs: Mapping[Phase, np.ndarray],
+                   sds: Mapping[Phase, float], box: tuple[slice, ...]) -> int:
+    """Number of phases whose median deviation over the candidate points the tumour way."""
+    n = 0
+    for phase, d in devs.items():
+        hyper, hypo = DIRECTIONS.get(phase, (False, True))
+        z = float(np.median(d[box][mask])) / sds[phase]
+        if (hyper and z > PARAMS["support_z"]) or (hypo and z < -PARAMS["support_z"]):
+            n += 1
+    return n
+
+
+def _accept(mask: np.ndarray, liver: np.ndarray, devs: Mapping[Phase, np.ndarray],
+            sds: Mapping[Phase, float], box: tuple[slice, ...], geometry: Geometry,
+            notes: list[str]) -> bool:
+    """Size, location and contrast checks of one delineated lesion."""
+    vol = float(mask.sum()) * geometry.voxel_volume_ml
+    if vol < PARAMS["min_volume_ml"]:
+        return False
+    inside = float((mask & liver).sum()) / float(mask.sum())
+    if inside < PARAMS["min_inside"]:
+        notes.append(f"candidate of {vol:.2f} ml rejected: {inside:.0%} inside the liver")
+        return False
+    if vol < PARAMS["tubular_max_ml"] and _fill_ratio(mask, geometry) < PARAMS["tubular_fill"]:
+        notes.append(f"candidate of {vol:.2f} ml rejected: tubular (vessel)")
+        return False
+    if (vol < PARAMS["small_ml"] and len(devs) > 1
+            and _phase_support(mask, devs, sds, box) < PARAMS["small_min_phases"]):
+        notes.append(f"candidate of {vol:.2f} ml rejected: seen in one phase only")
+        return False
+    contrast = max(abs(float(np.median(d[box][mask]))) for d in devs.values())
+    if contrast < PARAMS["min_contrast_hu"]:
+        notes.append(f"candidate of {vol:.2f} ml rejected: contrast {contrast:.1f} HU")
+        return False
+    return True

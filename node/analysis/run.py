@@ -1,0 +1,139 @@
+"""The analysis of one study, step by step: liver, alignment, lesions, measurements, tracking.
+
+reference (portal venous) volume -> liver segmentation -> rigid alignment of the other phases
+onto the reference grid -> multi-phase lesion detection -> per-lesion measurements ->
+tracking against the prior time point (if any) -> volumetric response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from node.analysis.lesions import detect_lesions
+from node.analysis.liver import (
+    LiverSegmentation,
+    body_mask,
+    segment_liver,
+    smooth_inplane,
+)
+from node.analysis.measure import liver_summary, measure_lesion
+from node.analysis.register import align_to_reference
+from node.analysis.response import assess_response
+from node.analysis.results import AnalysisResult, LesionMeasurement, PriorStudy
+from node.analysis.tracking import assign_baseline, id_number, track
+from node.errors import AnalysisError
+from node.study.model import Geometry, Phase, Study
+
+logger = logging.getLogger(__name__)
+
+#: Margin (mm) around the liver to which the registration metric is restricted.
+REGISTRATION_MARGIN_MM = 20.0
+#: Soft tissue (HU, smoothed reference) into which a lesion may extend beyond the liver mask.
+SOFT_TISSUE_HU = -30.0
+
+
+def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
+    """Analyse one assembled study.
+
+    Parameters
+    ----------
+    study:
+        The assembled study; measurements are made on :attr:`Study.reference`.
+    prior:
+        The patient's previous time point, for tracking and response (None: baseline).
+
+    Returns
+    -------
+    AnalysisResult
+        Liver mask and lesion label map on the reference grid, measurements, response.
+
+    Raises
+    ------
+    AnalysisError
+        If the liver cannot be segmented.
+    """
+    t0 = time.perf_counter()
+    ref = study.reference
+    geom = ref.geometry
+    notes: list[str] = [f"reference: {ref.phase.value} series {ref.series_instance_uid}"]
+    try:
+        liver = segment_liver(ref.array, geom)
+    except ValueError as exc:
+        raise AnalysisError(f"liver segmentation failed: {exc}") from exc
+    notes.append(f"liver {liver.median_hu:.0f} HU (SD {liver.sd_hu:.1f})")
+    phases = align_phases(study, liver, notes)
+    soft = body_mask(ref.array) & (smooth_inplane(ref.array, geom, 1.5) > SOFT_TISSUE_HU)
+    maps = detect_lesions(phases, liver.mask, soft, geom)
+    notes.extend(maps.notes)
+    liver_mask = liver.mask | (maps.labels > 0)
+    arrays = {p.value: a for p, a in phases.items()}
+    lesions = [measure_lesion(maps.labels == lab, geom, lab, arrays,
+                              volume_ml=maps.volumes_ml.get(lab))
+               for lab in range(1, int(maps.labels.max()) + 1) if (maps.labels == lab).any()]
+    liver_ml, liver_c = liver_summary(liver_mask, geom)
+    response = None
+    if prior is None:
+        assign_baseline(lesions, study.study_instance_uid)
+    else:
+        outcome = track(lesions, prior, study.study_instance_uid, liver_c)
+        notes.append(f"tracking: {len(outcome.matched)} matched, "
+                     f"{len(outcome.vanished)} vanished")
+    labels, lesions = relabel(maps.labels, lesions)
+    if prior is not None:
+        response = assess_response(prior, lesions)
+    notes.append(f"analysis {time.perf_counter() - t0:.1f} s")
+    return AnalysisResult(
+        study_instance_uid=study.study_instance_uid,
+        liver_mask=liver_mask,
+        lesion_labels=labels,
+        lesions=lesions,
+        liver_volume_ml=liver_ml,
+        liver_centroid_xyz=liver_c,
+        response=response,
+        notes=notes,
+    )
+
+
+def align_phases(study: Study, liver: LiverSegmentation,
+                 notes: list[str]) -> dict[Phase, np.ndarray]:
+    """Every phase on the reference grid, the others rigidly aligned to the reference."""
+    ref = study.reference
+    region = _dilate_mm(liver.mask, ref.geometry, REGISTRATION_MARGIN_MM)
+    out: dict[Phase, np.ndarray] = {ref.phase: ref.array}
+    for phase, vol in sorted(study.volumes.items(), key=lambda kv: kv[0].value):
+        if vol is ref:
+            continue
+        try:
+            al = align_to_reference(vol.array, vol.geometry, ref.array, ref.geometry,
+                                    fixed_mask=region)
+        except RuntimeError as exc:  # SimpleITK reports registration failures so
+            logger.warning("registration of %s failed: %s", phase.value, exc)
+            notes.append(f"{phase.value}: registration failed, phase not used")
+            continue
+        notes.append(f"{phase.value}: shift "
+                     + ", ".join(f"{v:.1f}" for v in al.shift_mm) + " mm")
+        out[phase] = al.array
+    return out
+
+
+def relabel(labels: np.ndarray, lesions: list[LesionMeasurement]
+            ) -> tuple[np.ndarray, list[LesionMeasurement]]:
+    """Renumber the label map so that label n is the n-th lesion in tracking-id order."""
+    ordered = sorted(lesions, key=lambda les: (id_number(les.tracking_id), les.tracking_id))
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
+    for n, les in enumerate(ordered, start=1):
+        lut[les.label] = n
+        les.label = n
+    return lut[labels], ordered
+
+
+def _dilate_mm(mask: np.ndarray, geometry: Geometry, margin_mm: float) -> np.ndarray:
+    """Dilate by a margin in mm (anisotropic voxels) using a distance transform."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return np.ones_like(mask)
+    return ndimage.distance_transform_edt(~mask, sampling=geometry.spacing) <= margin_mm
