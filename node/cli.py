@@ -66,7 +66,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     for les in truth["lesions"]:
         print(f"  {les['truth_id']:<4} {les['status']:<9} {les['volume_ml']:8.1f} ml")
     if "category" in truth:
-        print(f"  total change {truth['volume_change_fraction'] * 100:+.1f}% -> {truth['category']}")
+        change = truth["volume_change_fraction"] * 100
+        print(f"  total change {change:+.1f}% -> {truth['category']}")
     return 0
 
 

@@ -27,7 +27,8 @@ def send_with_storescu(folder: Path, *, aet: str, host: str, port: int, calling_
     """Send every file under ``folder`` with DCMTK's storescu (the scanner's role)."""
     storescu = "/usr/bin/storescu"
     if not os.path.exists(storescu):
-        raise NodeError("DCMTK storescu not found: run `bash config/setup.sh` (apt-get install dcmtk)")
+        raise NodeError("DCMTK storescu not found: run `bash config/setup.sh` "
+                        "(apt-get install dcmtk)")
     env = dict(os.environ, TCP_NODELAY="1")
     cmd = [storescu, "-aet", calling_aet, "-aec", aet, "+sd", "+r", "-nh", host, str(port),
            str(folder)]
@@ -69,7 +70,6 @@ def run_demo(workdir: Path, *, size: int = 512, seed: int = 7, keep: bool = Fals
 
     node_port = free_port()
     outcomes: dict[str, pipeline.Outcome] = {}
-    done = threading.Event()
     with OrthancServer(workdir / "orthanc", node_aet="LIVERNODE", node_port=node_port,
                        stable_age=2) as orthanc:
         settings = load_settings(None, {
@@ -77,8 +77,10 @@ def run_demo(workdir: Path, *, size: int = 512, seed: int = 7, keep: bool = Fals
             "archive.ae_title": orthanc.aet, "archive.host": "127.0.0.1",
             "archive.port": orthanc.dicom_port, "archive.dicomweb_url": orthanc.dicomweb_url,
         })
-        handler = make_study_handler(settings, on_outcome=lambda o: (outcomes.__setitem__(
-            o.study.study_instance_uid, o), done.set()))
+        def keep_outcome(outcome: pipeline.Outcome) -> None:
+            outcomes[outcome.study.study_instance_uid] = outcome
+
+        handler = make_study_handler(settings, on_outcome=keep_outcome)
         server = NodeServer(settings, handler)
         server.start()
         try:
@@ -110,5 +112,6 @@ def _truth_line(truth: dict) -> str:
                      for les in truth["lesions"])
     line = f"Ground truth of the phantom: {vols}"
     if "category" in truth:
-        line += f"; total change {truth['volume_change_fraction'] * 100:+.1f}% -> {truth['category']}"
+        change = truth["volume_change_fraction"] * 100
+        line += f"; total change {change:+.1f}% -> {truth['category']}"
     return line

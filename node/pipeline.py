@@ -51,7 +51,7 @@ def time_point_label(study: Study) -> str:
 
 
 def find_prior(study: Study, dicomweb_url: str | None) -> PriorStudy | None:
-    """Read the node's own SR + SEG of the patient's latest earlier study, if the archive has one."""
+    """The node's own SR + SEG of the patient's latest earlier study, if the archive has one."""
     if not dicomweb_url:
         return None
     from node.archive.dicomweb import DicomWebArchive
@@ -129,7 +129,8 @@ def run(
 
         store_datasets([seg_path, sr_path], ae_title=ae_title, host=host, port=port,
                        calling_aet=calling_aet)
-        logger.info("sent SEG + SR of %s to %s@%s:%d", study.study_instance_uid, ae_title, host, port)
+        logger.info("sent SEG + SR of %s to %s@%s:%d", study.study_instance_uid, ae_title, host,
+                    port)
     seconds = time.monotonic() - start
     logger.info(
         "study %s analysed in %.1f s: %d lesions, total %.1f ml%s",
@@ -157,13 +158,15 @@ def format_report(outcome: Outcome) -> str:
         prior_txt = f"{prior:.1f}" if prior is not None else "-"
         lines.append(
             f"{les.tracking_id:<10}{les.volume_ml:>10.1f}{prior_txt:>10}{change:>9}"
-            f"{les.longest_diameter_mm:>9.1f}{les.short_axis_mm:>9.1f}  {'new' if les.is_new else ''}"
+            f"{les.longest_diameter_mm:>9.1f}{les.short_axis_mm:>9.1f}"
+            f"  {'new' if les.is_new else ''}"
         )
     lines.append(f"Total tumour volume: {r.total_volume_ml:.1f} ml")
     if r.response is not None:
         resp = r.response
         lines.append(
-            f"Response vs {resp.prior_study_instance_uid}: total {resp.prior_total_volume_ml:.1f} -> "
+            f"Response vs {resp.prior_study_instance_uid}: "
+            f"total {resp.prior_total_volume_ml:.1f} -> "
             f"{resp.current_total_volume_ml:.1f} ml ({resp.change_fraction * 100:+.1f}%), "
             f"volumetric category {resp.category.value}"
             + (f", {resp.new_lesions} new" if resp.new_lesions else "")

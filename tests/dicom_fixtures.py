@@ -82,7 +82,10 @@ def _xyz(geometry: Geometry, kij: tuple[float, ...]) -> tuple[float, float, floa
 
 
 def _lesion(label: int, labels: np.ndarray, geometry: Geometry) -> LesionMeasurement:
-    mask = labels == label
+    return _measured(labels == label, label, geometry)
+
+
+def _measured(mask: np.ndarray, label: int, geometry: Geometry) -> LesionMeasurement:
     areas = mask.sum(axis=(1, 2))
     key = int(np.argmax(areas))
     ck, ci, cj = np.argwhere(mask).mean(axis=0)
@@ -149,5 +152,6 @@ def make_case(n_lesions: int = 2, with_response: bool = True) -> tuple[Study, An
         liver_volume_ml=float(liver.sum() * geometry.voxel_volume_ml),
         liver_centroid_xyz=_xyz(geometry, tuple(kij)),
         response=response,
+        liver=_measured(liver, n_lesions + 1, geometry),
     )
     return study, result

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash config/setup.sh
 .venv/bin/ruff check node tests benchmarks
+.venv/bin/mypy node
 .venv/bin/python -m pytest "$@"

@@ -126,9 +126,9 @@ def test_dcmqi_tid1500reader_reads_sr(case: Case, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     groups = json.loads(target.read_text())["Measurements"]
-    assert len(groups) == 2 * case.n + 1  # volumetric + planar per lesion, + the liver
+    assert len(groups) == 2 * (case.n + 1)  # volumetric + planar per lesion and for the liver
     volumetric = [g for g in groups if "ReferencedSegment" in g]
-    assert sorted(g["ReferencedSegment"] for g in volumetric) == list(range(1, case.n + 1))
+    assert sorted(g["ReferencedSegment"] for g in volumetric) == list(range(1, case.n + 2))
     assert all(g["segmentationSOPInstanceUID"] == case.seg.SOPInstanceUID for g in volumetric)
 
 
@@ -176,7 +176,7 @@ def _report(path: Path) -> hd.sr.MeasurementReport:
 def test_sr_reads_back(case: Case) -> None:
     report = _report(case.sr_path)
     volumetric = report.get_volumetric_roi_measurement_groups()
-    assert len(volumetric) == case.n
+    assert len(volumetric) == case.n + 1  # the lesions and the liver
     got = {}
     for group in volumetric:
         (volume,) = [m for m in group.get_measurements() if m.name == codes.VOLUME]
@@ -186,6 +186,8 @@ def test_sr_reads_back(case: Case) -> None:
         assert segment is not None
         assert segment.referenced_sop_instance_uid == case.seg.SOPInstanceUID
     expected = {les.tracking_uid: les.volume_ml for les in case.result.lesions}
+    liver_uid = str(case.seg.SegmentSequence[case.n].TrackingUID)
+    assert got.pop(liver_uid) == pytest.approx(case.result.liver_volume_ml, rel=1e-4)
     assert got.keys() == expected.keys()
     for uid, v in expected.items():
         assert got[uid] == pytest.approx(v, rel=1e-4)

@@ -50,6 +50,8 @@ PARAMS: dict[str, Any] = {
     "seed_z": 6.0,  # combined score of a lesion core
     "lipiodol_hu": 70.0,  # lipiodol: this much denser than liver in every phase...
     "lipiodol_z": 6.0,  # ...and this many SD
+    "native_dense_z": 2.0,
+    "lipiodol_rim_voxels": 2,  # lipiodol's partial-volume rim, left out of tissue signatures  # denser than liver on the plain scan by this many SD: not blood
     "core_margin_mm": 2.0,  # seeds must lie this far inside the liver (surface partial volume)
     "search_margin_mm": 10.0,  # lesions may extend this far beyond the liver mask
     "vessel_margin_sigmas": 2.0,  # no seeds this close (x smoothing sigma) to blood pool
@@ -156,6 +158,11 @@ def evidence_vector(
         if art is not None:
             pool &= dev >= ratio * art
         vessel |= pool
+    # Unenhanced blood is iso- to hypodense to liver: what is dense on the plain scan
+    # (lipiodol and its partial-volume rim, calcification, haemorrhage) is not blood pool.
+    native = devs.get(Phase.NATIVE)
+    if native is not None:
+        vessel &= native <= PARAMS["native_dense_z"] * sds[Phase.NATIVE]
     vessel &= ~lipiodol
     for phase, d in devs.items():
         hyper, hypo = DIRECTIONS.get(phase, (False, True))
@@ -331,15 +338,15 @@ def _delineate(
     comp = labels[box] == lab
     d = np.stack([devs[p][box] for p in devs])  # (phases, z, y, x)
     w = np.array([1.0 / sds[p] ** 2 for p in devs], dtype=np.float32)
-    frac = np.zeros(comp.shape, dtype=np.float32)
+    sigs = []
     for group in _signature_groups(comp, d, lipiodol[box], list(devs)):
         sig = np.median(d[:, group], axis=1)  # the group's plateau deviation per phase
-        norm = float(np.sum(w * sig * sig))
         # A weak signature would turn noise into large fractions: it must be seed-strong.
-        if norm < PARAMS["seed_z"] ** 2:
-            continue
-        f = np.tensordot(w * sig, d, axes=1) / np.float32(norm)
-        frac = np.maximum(frac, f)
+        if float(np.sum(w * sig * sig)) >= PARAMS["seed_z"] ** 2:
+            sigs.append(sig)
+    if not sigs:
+        return None
+    frac = unmix_fraction(d, np.stack(sigs, axis=1), w)
     mask = _half_level_region(frac, comp, search[box])
     if mask is None:
         return None
@@ -355,6 +362,35 @@ def _delineate(
     for k in range(mask.shape[0]):
         mask[k] = ndimage.binary_fill_holes(mask[k])
     return box, mask, frac
+
+
+def unmix_fraction(d: np.ndarray, sigs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Lesion fraction per voxel by non-negative linear unmixing of the lesion's signatures.
+
+    Each voxel's deviation vector over the phases is modelled as a non-negative mix of the
+    lesion's signatures (columns of ``sigs``, e.g. enhancing tissue, necrosis, lipiodol) plus
+    liver (zero deviation); the lesion fraction is the sum of the mix weights. A voxel that is
+    part tissue, part blurred lipiodol then counts fully, where projecting on either signature
+    alone would leave it below the half level. Weighted least squares (weights ``w`` = 1 /
+    liver variance per phase), the non-negative solution found over every subset of
+    signatures (at most three, so at most seven small solves).
+    """
+    n_sig = sigs.shape[1]
+    flat = d.reshape(d.shape[0], -1)
+    best_res = np.full(flat.shape[1], np.inf, dtype=np.float32)
+    best_sum = np.zeros(flat.shape[1], dtype=np.float32)
+    for mask_bits in range(1, 2 ** n_sig):
+        cols = [i for i in range(n_sig) if mask_bits >> i & 1]
+        s = sigs[:, cols]
+        gram = s.T @ (w[:, None] * s)
+        if abs(np.linalg.det(gram)) < 1e-9:
+            continue
+        coef = np.linalg.solve(gram, (s.T * w) @ flat)  # (len(cols), voxels)
+        res = np.sum(w[:, None] * (flat - s @ coef) ** 2, axis=0)
+        ok = np.all(coef >= 0, axis=0) & (res < best_res)
+        best_res[ok] = res[ok]
+        best_sum[ok] = coef[:, ok].sum(axis=0)
+    return best_sum.reshape(d.shape[1:])
 
 
 def _half_level_region(frac: np.ndarray, comp: np.ndarray,
@@ -390,11 +426,19 @@ def _signature_groups(comp: np.ndarray, d: np.ndarray, lipiodol: np.ndarray,
     """Voxel groups of the lesion core with one signature each: lipiodol, enhancing, other.
 
     The core is the strongest quarter of the component, so the signature is the plateau,
-    not the partial-volume border.
+    not the partial-volume border. Lipiodol and its blurred rim are set apart first: they
+    would otherwise be the strongest quarter and give the tumour tissue a lipiodol signature
+    under which it falls below the half level.
     """
-    mag = np.sqrt(np.sum(d[:, comp] ** 2, axis=0))
-    core = np.zeros_like(comp)
-    core[comp] = mag >= np.percentile(mag, PARAMS["core_percentile"])
+    lip_all = comp & lipiodol
+    rim = ndimage.binary_dilation(lipiodol, iterations=PARAMS["lipiodol_rim_voxels"])
+    tissue = comp & ~rim
+    if tissue.sum() < 5:
+        tissue = comp & ~lipiodol
+    core = lip_all.copy()
+    if tissue.any():
+        mag = np.sqrt(np.sum(d[:, tissue] ** 2, axis=0))
+        core[tissue] = mag >= np.percentile(mag, PARAMS["core_percentile"])
     groups: list[np.ndarray] = []
     lip = core & lipiodol
     rest = core & ~lipiodol

@@ -98,6 +98,9 @@ class AnalysisResult:
     liver_centroid_xyz: tuple[float, float, float]
     response: ResponseAssessment | None = None
     notes: list[str] = field(default_factory=list)
+    #: The liver measured like a lesion (volume, outline and axes on its largest axial slice):
+    #: the SR gives the liver a planar group beside its volumetric one, as viewers need.
+    liver: LesionMeasurement | None = None
 
     @property
     def total_volume_ml(self) -> float:

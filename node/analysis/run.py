@@ -84,6 +84,9 @@ def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
     labels, lesions = relabel(maps.labels, lesions)
     if prior is not None:
         response = assess_response(prior, lesions)
+    liver_measurement = measure_lesion(liver_mask, geom, len(lesions) + 1, arrays,
+                                       volume_ml=liver_ml)
+    liver_measurement.tracking_id = "Liver"
     notes.append(f"analysis {time.perf_counter() - t0:.1f} s")
     return AnalysisResult(
         study_instance_uid=study.study_instance_uid,
@@ -94,6 +97,7 @@ def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
         liver_centroid_xyz=liver_c,
         response=response,
         notes=notes,
+        liver=liver_measurement,
     )
 
 

@@ -10,7 +10,7 @@ Tree (PS3.16 TID 1500; see ``sr_templates/README.md``)::
                      TID 1410 planar group      (2D closed POLYLINE on the key slice,
                                                  Area, Long axis, Short axis)
                      both with the SAME Tracking Identifier + Tracking UID (TID 4108)
-        liver:       TID 1501 group (Volume), Tracking UID = the SEG liver segment's
+        liver:       the same 1411 + 1410 pair, Tracking UID = the SEG liver segment's
       Qualitative Evaluations (TID 1500 row 10): disclaimer + algorithm, liver volume,
                      response category (private code), prior/current volume, change (TEXT)
 
@@ -19,6 +19,8 @@ a merged set without a 2D SCOORD (toolchain notes). Each lesion carries at most 
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import highdicom as hd
 import numpy as np
@@ -36,6 +38,10 @@ from node.dicom import codes
 from node.dicom.seg import contributing_equipment, liver_tracking_uid
 from node.dicom.uids import derive_uid
 from node.study.model import Study, Volume
+
+#: (Finding, Finding Category) of a lesion group and of the liver's groups.
+_LESION = (codes.FINDING_LESION, codes.FINDING_CATEGORY_LESION)
+_LIVER = (codes.LIVER, codes.FINDING_CATEGORY_ANATOMY)
 
 #: Series Description of every node SR (LO, <= 64 characters).
 SR_SERIES_DESCRIPTION = "liver-node SR (research use)"
@@ -88,6 +94,7 @@ def volumetric_group(
     seg: hd.seg.Segmentation,
     reference: Volume,
     time_point: str,
+    finding: tuple[hd.sr.CodedConcept, hd.sr.CodedConcept] | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group of one lesion: Referenced Segment -> its SEG segment, Volume in ml.
 
@@ -119,8 +126,8 @@ def volumetric_group(
         tracking_identifier=_tracking(lesion),
         referenced_segment=segment,
         time_point_context=_time_point(time_point),
-        finding_type=codes.FINDING_LESION,
-        finding_category=codes.FINDING_CATEGORY_LESION,
+        finding_type=(finding or _LESION)[0],
+        finding_category=(finding or _LESION)[1],
         algorithm_id=_algorithm_id(),
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LIVER)],
         measurements=measurements,
@@ -147,7 +154,10 @@ def _segment_slices(
 
 
 def planar_group(
-    lesion: LesionMeasurement, reference: Volume, time_point: str
+    lesion: LesionMeasurement,
+    reference: Volume,
+    time_point: str,
+    finding: tuple[hd.sr.CodedConcept, hd.sr.CodedConcept] | None = None,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of one lesion: closed 2D POLYLINE on the key slice, Area and axes.
 
@@ -168,8 +178,8 @@ def planar_group(
         tracking_identifier=_tracking(lesion),
         referenced_region=region,
         time_point_context=_time_point(time_point),
-        finding_type=codes.FINDING_LESION,
-        finding_category=codes.FINDING_CATEGORY_LESION,
+        finding_type=(finding or _LESION)[0],
+        finding_category=(finding or _LESION)[1],
         algorithm_id=_algorithm_id(),
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LIVER)],
         measurements=[
@@ -180,24 +190,31 @@ def planar_group(
     )
 
 
-def liver_group(
-    study: Study, result: AnalysisResult, *, input_key: str, time_point: str
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group (no ROI) of the liver volume; its Tracking UID is the liver segment's.
+def liver_groups(
+    study: Study, result: AnalysisResult, seg: hd.seg.Segmentation, *, input_key: str,
+    time_point: str,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The liver as a TID 1411 group (-> SEG liver segment, Volume) + TID 1410 partner.
 
-    It also makes the report valid with no lesion: TID 1500 needs at least one group in
-    highdicom 0.28.2.
+    Both carry the SEG liver segment's Tracking UID. A volumetric group without a planar
+    partner crashes OHIF (toolchain notes), so the liver, like every lesion, gets its outline
+    on its largest axial slice. It also makes the report valid with no lesion: TID 1500 needs
+    at least one group in highdicom 0.28.2.
     """
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=liver_tracking_uid(study.study_instance_uid, input_key), identifier="Liver"
-        ),
-        time_point_context=_time_point(time_point),
-        finding_type=codes.LIVER,
-        finding_category=codes.FINDING_CATEGORY_ANATOMY,
-        algorithm_id=_algorithm_id(),
-        measurements=[_mm(codes.VOLUME, result.liver_volume_ml, codes.UNIT_ML)],
+    if result.liver is None:
+        raise ValueError("result.liver (the liver's planar measurement) is required")
+    liver = replace(
+        result.liver,
+        label=len(result.lesions) + 1,  # the SEG's liver segment number
+        tracking_id="Liver",
+        tracking_uid=liver_tracking_uid(study.study_instance_uid, input_key),
+        volume_ml=result.liver_volume_ml,
     )
+    reference = study.reference
+    return [
+        volumetric_group(liver, seg, reference, time_point, _LIVER),
+        planar_group(liver, reference, time_point, _LIVER),
+    ]
 
 
 def _text(name: hd.sr.CodedConcept, value: str) -> TextContentItem:
@@ -275,7 +292,7 @@ def build_sr(
     for lesion in sorted(result.lesions, key=lambda les: les.label):
         groups.append(volumetric_group(lesion, seg, reference, time_point))
         groups.append(planar_group(lesion, reference, time_point))
-    groups.append(liver_group(study, result, input_key=input_key, time_point=time_point))
+    groups += liver_groups(study, result, seg, input_key=input_key, time_point=time_point)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(),
         procedure_reported=[codes.PROCEDURE_CT_ABDOMEN],
