@@ -50,8 +50,8 @@ PARAMS: dict[str, Any] = {
     "seed_z": 6.0,  # combined score of a lesion core
     "lipiodol_hu": 70.0,  # lipiodol: this much denser than liver in every phase...
     "lipiodol_z": 6.0,  # ...and this many SD
-    "native_dense_z": 2.0,
-    "lipiodol_rim_voxels": 2,  # lipiodol's partial-volume rim, left out of tissue signatures  # denser than liver on the plain scan by this many SD: not blood
+    "native_dense_z": 2.0,  # denser than liver on the plain scan by this many SD: not blood
+    "lipiodol_rim_voxels": 2,  # lipiodol's partial-volume rim, left out of tissue signatures
     "core_margin_mm": 2.0,  # seeds must lie this far inside the liver (surface partial volume)
     "search_margin_mm": 10.0,  # lesions may extend this far beyond the liver mask
     "vessel_margin_sigmas": 2.0,  # no seeds this close (x smoothing sigma) to blood pool
