@@ -193,7 +193,10 @@ def planar_group(
 def liver_groups(
     study: Study, result: AnalysisResult, seg: hd.seg.Segmentation, *, input_key: str,
     time_point: str,
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+) -> list[
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+]:
     """The liver as a TID 1411 group (-> SEG liver segment, Volume) + TID 1410 partner.
 
     Both carry the SEG liver segment's Tracking UID. A volumetric group without a planar
