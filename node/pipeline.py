@@ -19,7 +19,7 @@ from node import MANUFACTURER
 from node.analysis import analyze
 from node.analysis.results import AnalysisResult, PriorStudy
 from node.dicom.seg import build_seg
-from node.dicom.sr import build_sr
+from node.dicom.sr import build_sr, sr_uids
 from node.dicom.sr_reader import read_prior
 from node.dicom.uids import input_key
 from node.study.assembly import load_study_dir
@@ -74,13 +74,35 @@ def find_prior(study: Study, dicomweb_url: str | None) -> PriorStudy | None:
     return prior
 
 
+def find_predecessors(study: Study, dicomweb_url: str | None) -> list[Dataset]:
+    """The node's earlier SR of this same study, made from other inputs (a late series).
+
+    An SR with the UID this analysis will give its own SR is the same document (a retry),
+    not a predecessor.
+    """
+    if not dicomweb_url:
+        return []
+    from node.archive.dicomweb import DicomWebArchive
+
+    srs, _ = DicomWebArchive(dicomweb_url).find_node_outputs(study.study_instance_uid,
+                                                              MANUFACTURER)
+    _, own_uid = sr_uids(study.study_instance_uid, study_input_key(study))
+    earlier = [ds for ds in srs if str(ds.SOPInstanceUID) != own_uid][:1]
+    if earlier:
+        logger.info("study %s: this SR supersedes %s", study.study_instance_uid,
+                    earlier[0].SOPInstanceUID)
+    return earlier
+
+
 def write_outputs(
-    study: Study, result: AnalysisResult, out_dir: Path
+    study: Study, result: AnalysisResult, out_dir: Path,
+    previous_versions: list[Dataset] | None = None,
 ) -> tuple[Dataset, Dataset, Path, Path]:
     """Build the SEG and the SR and write them under ``out_dir``."""
     key = study_input_key(study)
     seg = build_seg(study, result, input_key=key)
-    sr = build_sr(study, result, seg, input_key=key, time_point=time_point_label(study))
+    sr = build_sr(study, result, seg, input_key=key, time_point=time_point_label(study),
+                  previous_versions=previous_versions or ())
     out_dir.mkdir(parents=True, exist_ok=True)
     seg_path = out_dir / f"SEG-{seg.SOPInstanceUID}.dcm"
     sr_path = out_dir / f"SR-{sr.SOPInstanceUID}.dcm"
@@ -123,7 +145,8 @@ def run(
     if prior is None:
         prior = find_prior(study, dicomweb_url)
     result = analyze(study, prior)
-    _, _, seg_path, sr_path = write_outputs(study, result, out_dir)
+    predecessors = find_predecessors(study, dicomweb_url)
+    _, _, seg_path, sr_path = write_outputs(study, result, out_dir, predecessors)
     for ae_title, host, port, calling_aet in send:
         from node.archive.dimse import store_datasets
 

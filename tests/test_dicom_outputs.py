@@ -322,3 +322,19 @@ def test_private_codes_are_documented() -> None:
     for code in codes.PRIVATE_CODES:
         assert code.scheme_designator == codes.PRIVATE_SCHEME
         assert f"| {code.value} | {code.meaning} |" in readme, code.value
+
+
+def test_sr_names_the_sr_it_supersedes(baseline: Case, tmp_path: Path) -> None:
+    """A re-analysis after a late series lists the earlier SR as its predecessor."""
+    later = build_sr(baseline.study, baseline.result, baseline.seg, input_key="with-late-series",
+                     time_point="baseline", previous_versions=[baseline.sr])
+    assert later.SOPInstanceUID != baseline.sr.SOPInstanceUID
+    (ref,) = later.PredecessorDocumentsSequence
+    assert ref.StudyInstanceUID == baseline.sr.StudyInstanceUID
+    (series,) = ref.ReferencedSeriesSequence
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == baseline.sr.SOPInstanceUID
+    path = tmp_path / "later-sr.dcm"
+    later.save_as(path, enforce_file_format=True)
+    dciodvfy = _tool("dciodvfy", Path("/usr/bin/dciodvfy"))
+    out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    assert [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")] == []

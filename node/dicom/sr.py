@@ -20,6 +20,7 @@ a merged set without a 2D SCOORD (toolchain notes). Each lesion carries at most 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import highdicom as hd
@@ -31,6 +32,7 @@ from highdicom.sr import (
     RelationshipTypeValues,
     TextContentItem,
 )
+from pydicom.dataset import Dataset
 
 from node import ALGORITHM_NAME, ALGORITHM_VERSION, MANUFACTURER, RESEARCH_DISCLAIMER
 from node.analysis.results import AnalysisResult, LesionMeasurement
@@ -266,6 +268,7 @@ def build_sr(
     input_key: str,
     time_point: str,
     series_number: int = 902,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report (PS3.16 TID 1500; PS3.3 A.35.13 Comprehensive 3D SR).
 
@@ -282,6 +285,10 @@ def build_sr(
         Subject Time Point Identifier (TID 1502), e.g. "baseline" or "follow-up 1".
     series_number:
         Series Number of the SR series.
+    previous_versions:
+        Earlier node SRs of the same study (made before a late series arrived): listed in
+        the Predecessor Documents Sequence (PS3.3 C.17.2.3) so readers know this one
+        supersedes them.
 
     Returns
     -------
@@ -316,4 +323,5 @@ def build_sr(
         series_description=SR_SERIES_DESCRIPTION,
         coding_schemes=[codes.private_coding_scheme()],
         contributing_equipment=[contributing_equipment()],
+        previous_versions=list(previous_versions) or None,
     )
