@@ -92,6 +92,8 @@ class Volume:
     datasets: list[Dataset]
     series_description: str = ""
     phase_evidence: str = ""  # why this phase was chosen (headers / images)
+    #: Defects found while stacking and how they were handled (tilt, missing slices, ...).
+    assembly_notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +107,8 @@ class Study:
     frame_of_reference_uid: str
     volumes: dict[Phase, Volume] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # "series UID: reason" for series not used
+    #: "series UID [acquisition]: defect" for assembly defects detected (and repaired or not).
+    defects: list[str] = field(default_factory=list)
 
     @property
     def reference(self) -> Volume:

@@ -1,14 +1,17 @@
-"""Contrast phase classification of CT volumes: header evidence first, image evidence as backup.
+"""Contrast phase classification of CT volumes: header and image evidence, images decide.
 
 Every source of evidence votes for a phase with a weight (the tables below are the rules, kept
-as data). The phase with the largest total weight wins, so a stronger source (e.g. a measured
-aortic attenuation) can overrule a weaker one (e.g. an empty Contrast/Bolus Agent).
+as data). Among the header votes the largest total weight wins; when the images are conclusive
+(:mod:`node.study.image_phase`) they decide, and a disagreement with the headers is logged and
+written into the evidence ("headers say X, images say Y: images win"). Within a study, contrast
+acquisitions whose images clearly differ are kept in distinct phases (study context).
 Header attributes: Contrast/Bolus Agent (0018,0010), Contrast/Bolus Start Time (0018,1042),
 Acquisition Time (0008,0032), Series Description (0008,103E) (PS3.3 C.7.6.4, C.7.3.1).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,9 +19,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
+from node.study.image_phase import (
+    CONTRAST_PHASES,
+    ImageFeatures,
+    measure_features,
+    phase_from_features,
+    resolve_in_study,
+)
 from node.study.model import Geometry, Phase, Volume
+
+logger = logging.getLogger(__name__)
 
 #: Delay after contrast start (seconds): (upper bound, bound inclusive?, phase), in order:
 #: < 35 s arterial, 35-90 s portal venous, > 90 s delayed.
@@ -46,18 +57,6 @@ WEIGHTS: dict[str, float] = {
     "image": 1.5,
     "no_agent": 0.5,
 }
-
-#: Aortic attenuation (HU, median of the detected aorta): lower bound (inclusive) -> phase.
-AORTA_TABLE: tuple[tuple[float, Phase], ...] = (
-    (200.0, Phase.ARTERIAL),
-    (130.0, Phase.PORTAL_VENOUS),
-    (90.0, Phase.DELAYED),
-)
-#: Aorta candidate shape: equivalent diameter (mm) and minimal fill of its bounding circle.
-AORTA_DIAMETER_MM = (14.0, 40.0)
-AORTA_MIN_ROUNDNESS = 0.55
-AORTA_MAX_SD_HU = 45.0
-
 
 @dataclass(frozen=True)
 class Evidence:
@@ -88,10 +87,9 @@ def classify_phase(
         The phase and a human-readable evidence string.
     """
     votes = header_evidence(headers[0]) if headers else []
-    if array is not None and geometry is not None:
-        votes.extend(image_evidence(array, geometry))
-    phase, _ = decide(votes)
-    return phase, "; ".join(f"{v.reason} -> {v.phase.value} ({v.weight:g})" for v in votes)
+    image = image_evidence(array, geometry) if array is not None and geometry is not None else []
+    phase, _, text = decide_with_images(votes, image)
+    return phase, text
 
 
 def decide(votes: Sequence[Evidence]) -> tuple[Phase, float]:
@@ -157,56 +155,64 @@ def contrast_delay_s(ds: Dataset) -> float | None:
 
 
 def image_evidence(array: np.ndarray, geometry: Geometry) -> list[Evidence]:
-    """Votes from the image: the attenuation of the abdominal aorta."""
-    hu = aorta_attenuation(array, geometry)
-    if hu is None:
-        return [Evidence(Phase.NATIVE, WEIGHTS["image"] / 2, "no enhanced aorta found")]
-    for bound, phase in AORTA_TABLE:
-        if hu >= bound:
-            return [Evidence(phase, WEIGHTS["image"], f"aorta {hu:.0f} HU")]
-    return [Evidence(Phase.NATIVE, WEIGHTS["image"], f"aorta {hu:.0f} HU")]
+    """Votes from the image: aorta, liver and intrahepatic vessel attenuation.
 
-
-def aorta_attenuation(array: np.ndarray, geometry: Geometry) -> float | None:
-    """Median HU of the enhanced aorta in the central slices, None if none is found.
-
-    The aorta is taken as the brightest round, homogeneous blob of aortic size near the
-    left-right middle of the body; bone is excluded by its inhomogeneity and cortical rim.
+    See :mod:`node.study.image_phase`; no vote when the images are inconclusive.
     """
-    nz = array.shape[0]
-    slices = sorted({int(nz * f) for f in (0.35, 0.45, 0.55, 0.65)} & set(range(nz)))
-    _, dy, dx = geometry.spacing
-    values: list[float] = []
-    for k in slices:
-        img = ndimage.uniform_filter(array[k], size=3)
-        body = img > -300
-        if body.sum() < 100:
-            continue
-        cols = np.nonzero(body.any(axis=0))[0]
-        mid, half = (cols[0] + cols[-1]) / 2.0, (cols[-1] - cols[0]) / 2.0
-        labels, n = ndimage.label((img > AORTA_TABLE[-1][0]) & (img < 600))
-        best: float | None = None
-        for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sl is None:
-                continue
-            region = labels[sl] == lab
-            area = float(region.sum()) * dy * dx
-            diameter = 2.0 * np.sqrt(area / np.pi)
-            if not AORTA_DIAMETER_MM[0] <= diameter <= AORTA_DIAMETER_MM[1]:
-                continue
-            extent = max((sl[0].stop - sl[0].start) * dy, (sl[1].stop - sl[1].start) * dx)
-            roundness = area / (np.pi * (extent / 2.0) ** 2)
-            centre = (sl[1].start + sl[1].stop) / 2.0
-            inner = ndimage.binary_erosion(region, iterations=2)
-            vals = array[k][sl][inner if inner.any() else region]
-            if (roundness < AORTA_MIN_ROUNDNESS or abs(centre - mid) > 0.3 * half
-                    or vals.std() > AORTA_MAX_SD_HU):
-                continue
-            med = float(np.median(vals))
-            best = med if best is None else max(best, med)
-        if best is not None:
-            values.append(best)
-    return float(np.median(values)) if values else None
+    return evidence_from_features(measure_features(array, geometry))
+
+
+def evidence_from_features(features: ImageFeatures) -> list[Evidence]:
+    """The image vote for measured features (none when they are inconclusive)."""
+    phase, reason = phase_from_features(features)
+    if phase is None:
+        return []
+    return [Evidence(phase, WEIGHTS["image"], f"images: {features.describe()}; {reason}")]
+
+
+def decide_with_images(header: Sequence[Evidence], image: Sequence[Evidence]
+                       ) -> tuple[Phase, float, str]:
+    """Headers and images together; when they disagree, the images win (and it is said).
+
+    Returns
+    -------
+    tuple
+        Phase, its score, and the evidence text.
+    """
+    votes = [*header, *image]
+    text = "; ".join(f"{v.reason} -> {v.phase.value} ({v.weight:g})" for v in votes)
+    header_phase, header_score = decide(header)
+    if not image:
+        return header_phase, header_score, text
+    image_phase, image_score = decide(image)
+    if header and header_phase is not image_phase:
+        note = (f"headers say {header_phase.value}, images say {image_phase.value}: "
+                "images win")
+        # A strong header claim (timing, description) overruled is worth a warning; the
+        # weak "no agent" hint (often emptied by de-identification) only a note.
+        strong = any(v.weight >= WEIGHTS["keyword"] for v in header)
+        logger.log(logging.WARNING if strong else logging.INFO, "phase conflict: %s (%s)",
+                   note, text)
+        return image_phase, image_score, f"{text}; {note}"
+    if header_phase is image_phase:
+        return image_phase, image_score + header_score, text
+    return image_phase, image_score, text
+
+
+def _order_contrast_phases(volumes: Sequence[Volume], features: Sequence[ImageFeatures]
+                           ) -> None:
+    """Study context: distinct contrast acquisitions get distinct phases in gap order."""
+    idx = [i for i, (v, f) in enumerate(zip(volumes, features, strict=True))
+           if v.phase in CONTRAST_PHASES and f.aorta_hu is not None and f.liver_hu is not None]
+    gaps = [features[i].aorta_hu - features[i].liver_hu for i in idx]  # type: ignore[operator]
+    new = resolve_in_study(gaps, [volumes[i].phase for i in idx])
+    for i, phase in zip(idx, new, strict=True):
+        vol = volumes[i]
+        if phase is not vol.phase:
+            note = (f"study context: aorta-liver gaps {', '.join(f'{g:.0f}' for g in gaps)} HU "
+                    f"order the contrast acquisitions -> {phase.value} (not {vol.phase.value})")
+            logger.warning("%s: %s", vol.series_instance_uid, note)
+            vol.phase, vol.phase_evidence = phase, f"{vol.phase_evidence}; {note}"
 
 
 def assign_phases(volumes: Sequence[Volume]) -> tuple[dict[Phase, Volume], list[str]]:
@@ -220,16 +226,19 @@ def assign_phases(volumes: Sequence[Volume]) -> tuple[dict[Phase, Volume], list[
     tuple
         ``{phase: volume}`` and the skip reasons for the volumes not kept.
     """
-    ranked: dict[Phase, list[tuple[float, int, str, Volume]]] = defaultdict(list)
+    scores: list[float] = []
+    features: list[ImageFeatures] = []
     for vol in volumes:
-        votes = header_evidence(vol.datasets[0])
-        if not votes or all(v.weight < WEIGHTS["keyword"] for v in votes):
-            votes.extend(image_evidence(vol.array, vol.geometry))
-        phase, score = decide(votes)
-        vol.phase = phase
-        vol.phase_evidence = "; ".join(
-            f"{v.reason} -> {v.phase.value} ({v.weight:g})" for v in votes)
-        ranked[phase].append((score, vol.array.shape[0], vol.series_instance_uid, vol))
+        features.append(measure_features(vol.array, vol.geometry))
+        phase, score, text = decide_with_images(header_evidence(vol.datasets[0]),
+                                                evidence_from_features(features[-1]))
+        vol.phase, vol.phase_evidence = phase, text
+        scores.append(score)
+    _order_contrast_phases(volumes, features)
+    ranked: dict[Phase, list[tuple[float, int, str, Volume]]] = defaultdict(list)
+    for vol, score in zip(volumes, scores, strict=True):
+        logger.info("%s: %s (%s)", vol.series_instance_uid, vol.phase.value, vol.phase_evidence)
+        ranked[vol.phase].append((score, vol.array.shape[0], vol.series_instance_uid, vol))
     chosen: dict[Phase, Volume] = {}
     skipped: list[str] = []
     for phase, cands in ranked.items():
