@@ -22,6 +22,7 @@ from node.dicom.seg import build_seg
 from node.dicom.sr import build_sr, sr_uids
 from node.dicom.sr_reader import read_prior
 from node.dicom.uids import input_key
+from node.errors import StudyError
 from node.study.assembly import load_study_dir
 from node.study.model import Study
 
@@ -135,13 +136,19 @@ def run(
         C-STORE destinations ``(ae_title, host, port, calling_aet)`` for the SEG and SR.
     """
     start = time.monotonic()
-    study = load_study_dir(study_dir)
+    try:
+        study = load_study_dir(study_dir)
+    except StudyError as exc:
+        logger.error("study in %s is not analysable: %s", study_dir, exc)
+        raise
     logger.info(
         "study %s: phases %s, skipped %d series",
         study.study_instance_uid,
-        ",".join(p.value for p in study.volumes),
+        ",".join(f"{p.value} ({v.phase_evidence})" for p, v in study.volumes.items()),
         len(study.skipped),
     )
+    for line in [*study.skipped, *study.defects]:
+        logger.info("study %s: %s", study.study_instance_uid, line)
     if prior is None:
         prior = find_prior(study, dicomweb_url)
     result = analyze(study, prior)
