@@ -68,9 +68,30 @@ class Settings:
     stable_seconds:
         A study is complete once no instance of it has arrived for this many seconds.
     allowed_calling_aets:
-        Calling AE titles allowed to associate; empty means any.
+        Calling AE titles allowed to associate, each ``"AET"`` (from any host) or
+        ``"AET@host"`` (only from that IP address); empty means any. Others are rejected.
     workers:
         Number of threads that process complete studies.
+    stable_seconds_by_aet:
+        Per calling AE ``"AET=seconds"`` overrides of ``stable_seconds`` (like Orthanc's
+        StableAge per modality); the study uses the rule of the AE that sent its last instance.
+    min_free_bytes:
+        C-STORE is refused with 0xA700 (Out of Resources) once the spool's filesystem has less
+        free space than this.
+    max_associations:
+        Concurrent associations accepted; more are rejected (PS3.8 7.1.1.9, local limit).
+    max_pdu_bytes:
+        Maximum PDU length the node receives (PS3.8 D.1); 0 means unlimited.
+    max_instance_bytes:
+        Larger instances are refused with 0xA700 (Out of Resources).
+    network_timeout:
+        Seconds a connection may stay silent (also the ACSE timeout, at most 30 s): a peer
+        that sends half a PDU and stalls holds an association slot no longer than this.
+    metrics_port:
+        Port of the HTTP health and Prometheus metrics endpoint; 0 switches it off.
+    tls_cert, tls_key, tls_ca:
+        PEM files: with cert and key the listener speaks DICOM TLS (PS3.15 B.1); with a CA
+        file too, peers must present a certificate signed by it. Empty: plain TCP.
     archive:
         The archive the node talks to.
     """
@@ -82,6 +103,16 @@ class Settings:
     stable_seconds: float = 10.0
     allowed_calling_aets: tuple[str, ...] = ()
     workers: int = 1
+    stable_seconds_by_aet: tuple[str, ...] = ()
+    min_free_bytes: int = 256 * 1024 * 1024
+    max_associations: int = 16
+    max_pdu_bytes: int = 262144
+    max_instance_bytes: int = 2 * 1024 * 1024 * 1024
+    network_timeout: float = 60.0
+    metrics_port: int = 0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
 
     def describe(self) -> str:
@@ -91,7 +122,10 @@ class Settings:
         return (
             f"ae={self.ae_title} listen={self.host}:{self.port} spool={self.spool_dir} "
             f"stable_seconds={self.stable_seconds:g} allowed_calling_aets={allowed} "
-            f"workers={self.workers} archive={a.ae_title}@{a.host}:{a.port} "
+            f"workers={self.workers} min_free_bytes={self.min_free_bytes} "
+            f"max_associations={self.max_associations} max_pdu_bytes={self.max_pdu_bytes} "
+            f"max_instance_bytes={self.max_instance_bytes} metrics_port={self.metrics_port} "
+            f"tls={'on' if self.tls_cert else 'off'} archive={a.ae_title}@{a.host}:{a.port} "
             f"dicomweb={a.dicomweb_url} calling_aet={a.calling_aet}"
         )
 
@@ -183,6 +217,27 @@ def _from_environment(target: dict[str, Any], environ: Mapping[str, str]) -> Non
             _merge(target, None, rest, value, source)
 
 
+def stable_by_aet(settings: Settings) -> dict[str, float]:
+    """The per calling AE stable times of ``settings.stable_seconds_by_aet``.
+
+    Raises
+    ------
+    ConfigError
+        An entry is not ``AET=seconds`` with a positive number.
+    """
+    out: dict[str, float] = {}
+    for entry in settings.stable_seconds_by_aet:
+        aet, _, seconds = entry.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not aet.strip() or not value > 0:
+            raise ConfigError(f"bad stable_seconds_by_aet entry {entry!r}: expected AET=seconds")
+        out[aet.strip()] = value
+    return out
+
+
 def _validate(settings: Settings) -> None:
     """Raise ConfigError for values of the right type but outside their domain."""
     a = settings.archive
@@ -190,7 +245,8 @@ def _validate(settings: Settings) -> None:
         ("ae_title", settings.ae_title),
         ("archive.ae_title", a.ae_title),
         ("archive.calling_aet", a.calling_aet),
-        *[(f"allowed_calling_aets[{i}]", x) for i, x in enumerate(settings.allowed_calling_aets)],
+        *[(f"allowed_calling_aets[{i}]", x.partition("@")[0])
+          for i, x in enumerate(settings.allowed_calling_aets)],
     ]:
         if not _AE_RE.match(ae) or not ae.strip():
             raise ConfigError(
@@ -203,6 +259,16 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"bad stable_seconds {settings.stable_seconds}: must be > 0")
     if settings.workers < 1:
         raise ConfigError(f"bad workers {settings.workers}: must be >= 1")
+    stable_by_aet(settings)  # raises ConfigError for a malformed entry
+    for key in ("min_free_bytes", "max_pdu_bytes", "metrics_port"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"bad {key} {getattr(settings, key)}: must be >= 0")
+    if not settings.network_timeout > 0:
+        raise ConfigError(f"bad network_timeout {settings.network_timeout}: must be > 0")
+    if settings.max_associations < 1 or settings.max_instance_bytes < 1:
+        raise ConfigError("max_associations and max_instance_bytes must be >= 1")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: give both or neither")
     if not a.dicomweb_url.startswith(("http://", "https://")):
         raise ConfigError(f"bad archive.dicomweb_url {a.dicomweb_url!r}: expected http(s)://...")
     if not settings.host or not a.host:

@@ -32,7 +32,8 @@ VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 A.4)
 _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
 
 
-def _set_nodelay(event: Event) -> None:
+def set_nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN handler of a requestor: set TCP_NODELAY on its socket."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -87,7 +88,7 @@ def _associate(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     assoc = ae.associate(
         host, port, contexts=list(contexts), ae_title=ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
     )
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"

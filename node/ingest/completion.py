@@ -13,10 +13,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from node.errors import IngestError
+from node.ingest.metrics import Metrics
 from node.ingest.spool import Spool, StudyState
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class CompletionMonitor:
         Silence after the last instance that makes a study complete.
     workers:
         Number of worker threads.
+    stable_by_aet:
+        Per calling AE overrides of ``stable_seconds`` (the AE that sent the last instance).
+    metrics:
+        Counts analyses done and failed.
     """
 
     def __init__(
@@ -49,11 +54,16 @@ class CompletionMonitor:
         *,
         stable_seconds: float,
         workers: int = 1,
+        stable_by_aet: Mapping[str, float] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._spool = spool
         self._callback = on_study_complete
         self._stable = stable_seconds
-        self._poll = min(1.0, max(0.05, stable_seconds / 4))
+        self._stable_by_aet = dict(stable_by_aet or {})
+        self.metrics = metrics or Metrics()
+        shortest = min([stable_seconds, *self._stable_by_aet.values()])
+        self._poll = min(1.0, max(0.05, shortest / 4))
         self._queue: queue.Queue[str] = queue.Queue()
         self._inflight: set[str] = set()  # queued or processing: never queued twice
         self._lock = threading.Lock()
@@ -113,13 +123,19 @@ class CompletionMonitor:
     def _monitor(self) -> None:
         while not self._stop.wait(self._poll):
             try:
-                cutoff = time.time() - self._stable
+                now = time.time()
                 for study in self._spool.studies(StudyState.PENDING):
-                    if study.last_received <= cutoff:
+                    stable = self._stable_by_aet.get(study.calling_aet, self._stable)
+                    if study.last_received <= now - stable:
                         self._enqueue(study.study_instance_uid, expect=StudyState.PENDING)
             except Exception:
                 # Keep monitoring: a transient index error must not end study detection.
                 logger.exception("study monitor: scanning the spool index failed")
+
+    def queue_depth(self) -> int:
+        """Studies queued or being processed."""
+        with self._lock:
+            return len(self._inflight)
 
     def _work(self) -> None:
         while True:
@@ -138,6 +154,8 @@ class CompletionMonitor:
             logger.info("study %s: new instances while queued, waiting again", study_uid)
             return
         n = len(self._spool.instances(study_uid))
+        record = self._spool.study(study_uid)
+        previous = record.processed_count if record is not None else 0
         start = time.monotonic()
         state, error = StudyState.DONE, ""
         try:
@@ -146,9 +164,10 @@ class CompletionMonitor:
             logger.exception("study %s: processing failed", study_uid)
             state, error = StudyState.FAILED, f"{type(exc).__name__}: {exc}"
         # Compare-and-set: a study that grew during processing stays pending.
+        self.metrics.incr("analyses_done" if state is StudyState.DONE else "analyses_failed")
         moved = self._spool.set_state(study_uid, state, expect=StudyState.PROCESSING, error=error)
         final = state.value if moved else "pending (new instances during processing)"
         logger.info(
-            "study complete study=%s instances=%d outcome=%s duration=%.2fs",
-            study_uid, n, final, time.monotonic() - start,
+            "study complete study=%s instances=%d previous_analyses=%d outcome=%s duration=%.2fs",
+            study_uid, n, previous, final, time.monotonic() - start,
         )

@@ -8,7 +8,9 @@ exception escapes into pynetdicom's reactor.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -16,11 +18,15 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from node.errors import IngestError
-from node.ingest.spool import Spool, StoreOutcome
+from node.ingest.metrics import Metrics
+from node.ingest.part10 import file_meta_header
+from node.ingest.spool import Spool, StoreOutcome, write_durably
+from node.ingest.validate import check_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,18 @@ class AssociationLog:
         return record
 
 
+@dataclass
+class IngestContext:
+    """What the store handler needs: the spool, the logs and the limits."""
+
+    spool: Spool
+    log: AssociationLog
+    metrics: Metrics
+    min_free_bytes: int = 0
+    max_instance_bytes: int = 2**31
+    allowed_hosts: dict[str, set[str]] = field(default_factory=dict)  # AE -> hosts; empty: any
+
+
 def _address(event: Event) -> tuple[str, int]:
     """(host, port) of the peer of a connection event."""
     address = getattr(event, "address", None) or ("?", 0)
@@ -110,8 +128,34 @@ def handle_conn_close(event: Event, log: AssociationLog) -> None:
     )
 
 
-def handle_rejected(event: Event) -> None:
+def handle_requested(event: Event, ctx: IngestContext) -> None:
+    """Reject a calling AE that comes from a host it is not allowed from (PS3.8 7.1.1.3).
+
+    ``ctx.allowed_hosts`` maps an AE title to the addresses it may call from; AE titles not in
+    it are left to pynetdicom's ``require_calling_aet`` check.
+    """
+    primitive = event.assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title if primitive else "").strip()
+    hosts = ctx.allowed_hosts.get(calling)
+    host = str(event.assoc.requestor.address)
+    if hosts is None or host in hosts:
+        return
+    logger.warning("association rejected: calling_ae=%s host=%s is not allowed from this host",
+                   calling, host)
+    # A-ASSOCIATE-RJ: rejected-permanent, service user, calling AE title not recognised
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    event.assoc.kill()  # as pynetdicom's own rejections: flushes the A-ASSOCIATE-RJ, then stops
+    ctx.metrics.incr("associations_rejected")
+
+
+def handle_accepted(event: Event, ctx: IngestContext) -> None:
+    """Count an accepted association."""
+    ctx.metrics.incr("associations")
+
+
+def handle_rejected(event: Event, ctx: IngestContext) -> None:
     """Log why an association was rejected (unknown called or calling AE title)."""
+    ctx.metrics.incr("associations_rejected")
     requestor = event.assoc.requestor
     called = requestor.primitive.called_ae_title if requestor.primitive else "?"
     logger.warning(
@@ -136,46 +180,87 @@ def _required_uids(ds: Dataset) -> tuple[str, str, str, str] | None:
     return values[0], values[1], values[2], values[3]
 
 
-def handle_store(event: Event, spool: Spool, log: AssociationLog) -> int:
-    """C-STORE (PS3.4 B.2.3): write the instance durably, index it, then answer."""
-    record = log.get(event)
-    record.peer_ae = str(event.assoc.requestor.ae_title or "")
-    status = _store(event, spool, record)
+def handle_store(event: Event, ctx: IngestContext) -> int:
+    """C-STORE (PS3.4 B.2.3): check, write the instance durably, index it, then answer."""
+    start = time.perf_counter()
+    record = ctx.log.get(event)
+    record.peer_ae = str(event.assoc.requestor.ae_title or "").strip()
+    try:
+        status, size, duplicate = _store(event, ctx, record)
+    except Exception:
+        # Never let an exception reach pynetdicom's reactor: the association would abort.
+        logger.exception("C-STORE from %s: unexpected failure", record.peer_ae)
+        status, size, duplicate = 0xA700, 0, False  # Out of Resources: internal failure
     if status != 0x0000:
         record.failed += 1
+        ctx.metrics.refused_with(status)
+    else:
+        ctx.metrics.stored(size, time.perf_counter() - start, duplicate)
     return status
 
 
-def _store(event: Event, spool: Spool, record: AssociationRecord) -> int:
+def quarantine(spool: Spool, data: bytes, reason: str) -> None:
+    """Keep a refused instance's bytes and the reason under ``<spool>/quarantine/``."""
+    name = hashlib.sha256(data).hexdigest()[:32]
+    directory = spool.root / "quarantine"
+    write_durably(directory / f"{name}.dcm", data, spool.root)
+    write_durably(directory / f"{name}.txt", (reason + "\n").encode(), spool.root)
+
+
+def _refuse(ctx: IngestContext, data: bytes | None, status: int, reason: str, who: str) -> int:
+    logger.error("C-STORE from %s refused with 0x%04X: %s", who, status, reason)
+    if data is not None:
+        try:
+            quarantine(ctx.spool, data, f"0x{status:04X} {who}: {reason}")
+        except OSError:
+            logger.exception("C-STORE from %s: could not quarantine the refused instance", who)
+    return status
+
+
+def _store(event: Event, ctx: IngestContext, record: AssociationRecord) -> tuple[int, int, bool]:
+    """(status, size, duplicate) of one C-STORE request."""
     request = cast(C_STORE, event.request)
+    who = record.peer_ae
+    free = shutil.disk_usage(ctx.spool.root).free
+    if free < ctx.min_free_bytes:
+        reason = f"{free} bytes free in the spool, below min_free_bytes={ctx.min_free_bytes}"
+        return _refuse(ctx, None, 0xA700, reason, who), 0, False  # Out of Resources
+    size = len(request.DataSet.getvalue()) if request.DataSet is not None else 0
+    if size > ctx.max_instance_bytes:
+        reason = f"{size} bytes exceeds max_instance_bytes={ctx.max_instance_bytes}"
+        return _refuse(ctx, None, 0xA700, reason, who), 0, False  # Out of Resources
     try:
         ds = event.dataset
         uids = _required_uids(ds)
-    except Exception:
-        logger.exception("C-STORE from %s: the dataset cannot be decoded", record.peer_ae)
-        return 0xC210  # Cannot understand: dataset could not be decoded
+    except Exception as exc:
+        logger.exception("C-STORE from %s: the dataset cannot be decoded", who)
+        raw = request.DataSet.getvalue() if request.DataSet is not None else None
+        # 0xC210 Cannot understand: dataset could not be decoded
+        return _refuse(ctx, raw, 0xC210, f"undecodable dataset: {exc}", who), 0, False
+    body = request.DataSet.getvalue() if request.DataSet is not None else b""
+    syntax = UID(event.context.transfer_syntax)
     if uids is None:
-        logger.error(
-            "C-STORE from %s: SOP instance %s lacks Study/Series/SOP Instance UID or SOP Class UID",
-            record.peer_ae, request.AffectedSOPInstanceUID,
-        )
-        return 0xC000  # Cannot understand: required identifiers missing
+        reason = (f"instance {request.AffectedSOPInstanceUID} lacks Study/Series/SOP Instance"
+                  " UID or SOP Class UID")
+        return _refuse(ctx, body, 0xC000, reason, who), 0, False  # Cannot understand
     study, series, sop, sop_class = uids
+    data = (file_meta_header(sop_class, sop, syntax, who), body)
     if sop_class != request.AffectedSOPClassUID or sop != request.AffectedSOPInstanceUID:
-        logger.error(
-            "C-STORE from %s: dataset SOP class/instance %s/%s differ from the request's %s/%s",
-            record.peer_ae, sop_class, sop, request.AffectedSOPClassUID,
-            request.AffectedSOPInstanceUID,
-        )
-        return 0xA900  # Error: Data Set does not match SOP Class
+        reason = (f"dataset SOP class/instance {sop_class}/{sop} differ from the request's "
+                  f"{request.AffectedSOPClassUID}/{request.AffectedSOPInstanceUID}")
+        # 0xA900 Error: Data Set does not match SOP Class
+        return _refuse(ctx, body, 0xA900, reason, who), 0, False
+    refusal = check_dataset(ds, sop_class, syntax)
+    if refusal is not None:
+        return _refuse(ctx, b"".join(data), refusal.status, refusal.reason, who), 0, False
     try:
-        outcome = spool.store(event.encoded_dataset(), study, series, sop, sop_class)
-    except IngestError:
-        logger.exception("C-STORE from %s: instance %s rejected", record.peer_ae, sop)
-        return 0xC000  # Cannot understand: malformed UID
+        outcome = ctx.spool.store(data, study, series, sop, sop_class, calling_aet=who)
+    except IngestError as exc:
+        # 0xC000 Cannot understand: malformed UID
+        return _refuse(ctx, b"".join(data), 0xC000, str(exc), who), 0, False
     except Exception:
-        logger.exception("C-STORE from %s: instance %s could not be stored", record.peer_ae, sop)
-        return 0xA700  # Out of Resources: disk or index write failed
+        logger.exception("C-STORE from %s: instance %s could not be stored", who, sop)
+        return 0xA700, 0, False  # Out of Resources: disk or index write failed
     if outcome is StoreOutcome.DUPLICATE:
         record.duplicates += 1
     else:
@@ -184,4 +269,4 @@ def _store(event: Event, spool: Spool, record: AssociationRecord) -> int:
     if outcome is StoreOutcome.REPLACED:
         logger.warning("instance %s of study %s received again with other content: replaced",
                        sop, study)
-    return 0x0000  # Success
+    return 0x0000, len(body), outcome is StoreOutcome.DUPLICATE  # Success

@@ -12,6 +12,8 @@ monitor. Usage::
 from __future__ import annotations
 
 import logging
+import shutil
+import ssl
 import time
 from pathlib import Path
 
@@ -27,19 +29,23 @@ from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import Settings
+from node.config import Settings, stable_by_aet
 from node.errors import IngestError
 from node.ingest.completion import CompletionMonitor, StudyCallback
 from node.ingest.handlers import (
     AssociationLog,
     AssociationRecord,
+    IngestContext,
+    handle_accepted,
     handle_conn_close,
     handle_conn_open,
     handle_echo,
     handle_rejected,
+    handle_requested,
     handle_store,
 )
-from node.ingest.spool import Spool
+from node.ingest.metrics import Metrics, MetricsServer
+from node.ingest.spool import Spool, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +83,41 @@ def build_ae(settings: Settings) -> AE:
     for sop_class in SR_STORAGE:
         ae.add_supported_context(sop_class, list(UNCOMPRESSED_SYNTAXES))
     ae.require_called_aet = True
-    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.require_calling_aet = sorted({a.partition("@")[0] for a in settings.allowed_calling_aets})
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    ae.network_timeout = settings.network_timeout
+    ae.acse_timeout = min(30.0, settings.network_timeout)
     return ae
+
+
+def allowed_hosts(settings: Settings) -> dict[str, set[str]]:
+    """AE title -> the hosts it may call from, for the ``AET@host`` allow-list entries."""
+    hosts: dict[str, set[str]] = {}
+    for entry in settings.allowed_calling_aets:
+        aet, _, host = entry.partition("@")
+        if host:
+            hosts.setdefault(aet, set()).add(host)
+    return hosts
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of the listener (PS3.15 B.1), or None for plain TCP.
+
+    With ``tls_ca`` set, peers must present a certificate signed by that CA.
+    """
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_ca:
+            context.load_verify_locations(settings.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise IngestError(f"cannot load the TLS certificate, key or CA: {exc}") from exc
+    return context
 
 
 class NodeServer:
@@ -98,14 +137,24 @@ class NodeServer:
         self.settings = settings
         self.spool = Spool(settings.spool_dir)
         self.associations = AssociationLog()
+        self.metrics = Metrics()
+        self.context = IngestContext(
+            self.spool, self.associations, self.metrics,
+            min_free_bytes=settings.min_free_bytes,
+            max_instance_bytes=settings.max_instance_bytes,
+            allowed_hosts=allowed_hosts(settings),
+        )
         self._monitor = CompletionMonitor(
             self.spool,
             on_study_complete,
             stable_seconds=settings.stable_seconds,
             workers=settings.workers,
+            stable_by_aet=stable_by_aet(settings),
+            metrics=self.metrics,
         )
         self._ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self._http: MetricsServer | None = None
 
     @property
     def port(self) -> int:
@@ -135,17 +184,58 @@ class NodeServer:
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, handle_conn_open, [self.associations]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self.associations]),
-            (evt.EVT_REJECTED, handle_rejected),
+            (evt.EVT_REQUESTED, handle_requested, [self.context]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.context]),
+            (evt.EVT_REJECTED, handle_rejected, [self.context]),
             (evt.EVT_C_ECHO, handle_echo, [self.associations]),
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.associations]),
+            (evt.EVT_C_STORE, handle_store, [self.context]),
         ]
+        self.spool.recover()
         address = (self.settings.host, self.settings.port)
+        tls = server_tls_context(self.settings)
         try:
-            self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+            self._server = self._ae.start_server(
+                address, block=False, evt_handlers=handlers, ssl_context=tls
+            )
         except OSError as exc:
             raise IngestError(f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
         self._monitor.start()
+        if self.settings.metrics_port:
+            self._http = MetricsServer(
+                self.settings.host, self.settings.metrics_port, self.render_metrics, self.health
+            )
+            self._http.start()
         logger.info("node listening: %s", self.settings.describe())
+
+    @property
+    def metrics_port(self) -> int:
+        """Port of the metrics endpoint (0 if it is off)."""
+        return self._http.port if self._http is not None else 0
+
+    def render_metrics(self) -> str:
+        """The Prometheus text of the counters and the spool and queue gauges."""
+        by_state = {state: 0 for state in StudyState}
+        for study in self.spool.studies():
+            by_state[study.state] += 1
+        gauges = {f'liver_node_studies{{state="{k.value}"}}': float(v) for k, v in by_state.items()}
+        gauges["liver_node_queue_depth"] = float(self._monitor.queue_depth())
+        gauges["liver_node_active_associations"] = float(len(self._ae.active_associations))
+        gauges["liver_node_spool_free_bytes"] = float(shutil.disk_usage(self.spool.root).free)
+        return self.metrics.render(gauges)
+
+    def health(self) -> str:
+        """Empty if healthy, else why not (listener down, index unreadable, disk full)."""
+        if self._server is None:
+            return "listener not running"
+        try:
+            self.spool.studies(StudyState.QUEUED)
+        except Exception as exc:
+            logger.exception("health: spool index unreadable")
+            return f"spool index unreadable: {exc}"
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.settings.min_free_bytes:
+            return f"spool disk nearly full: {free} bytes free"
+        return ""
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop listening, then the completion threads; closes the spool index.
@@ -165,6 +255,9 @@ class NodeServer:
                                    assoc.requestor.ae_title)
                     assoc.abort()
                     assoc.join(2.0)
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         self._monitor.stop()
         self.spool.close()
         logger.info("node stopped")

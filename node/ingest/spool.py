@@ -22,6 +22,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,9 @@ class StudyRecord:
     study_instance_uid: str
     state: StudyState
     last_received: float
-    processed_count: int
+    processed_count: int  # analyses already run: > 0 means this is a late arrival
     error: str
+    calling_aet: str = ""  # who sent the last instance (selects the stable-time rule)
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -125,15 +127,21 @@ def _make_dirs_durable(path: Path, root: Path) -> None:
         _fsync_dir(created.parent)
 
 
-def write_durably(path: Path, data: bytes, root: Path) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path) -> None:
+    """Write ``data`` (bytes, or parts written one after the other, never joined in memory)
+    to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     _make_dirs_durable(path.parent, root)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            for part in [data] if isinstance(data, bytes) else data:
+                view = memoryview(part)
+                while view:  # unbuffered: no copy through a Python buffer
+                    view = view[os.write(fd, view):]
+            # fdatasync also flushes the size, all that reading the data back needs (POSIX).
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -162,12 +170,40 @@ class Spool:
         # FULL: a commit is on disk before the C-STORE response goes out.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        # Studies interrupted by a stop or crash are processed again.
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}
+        if "calling_aet" not in columns:  # spools made before per-AE stable times
+            self._db.execute("ALTER TABLE studies ADD COLUMN calling_aet TEXT NOT NULL DEFAULT ''")
+
+    def recover(self) -> list[str]:
+        """Make the spool consistent after a stop or crash; call once, before serving.
+
+        Temporary files of writes that never finished are deleted (they were never
+        acknowledged), and studies that were ``queued`` or ``processing`` become ``pending``
+        with ``last_received`` 0, so they are processed again at once (at-least-once; output
+        UIDs are derived deterministically, so a re-run adds no duplicates to the archive).
+
+        Returns
+        -------
+        list of str
+            The Study Instance UIDs that were interrupted.
+        """
+        for tmp in self.studies_dir.glob("*/*/.*.tmp"):
+            logger.warning("spool recovery: removing unfinished write %s", tmp)
+            tmp.unlink(missing_ok=True)
         with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid FROM studies WHERE state IN (?, ?)",
+                (StudyState.QUEUED.value, StudyState.PROCESSING.value),
+            ).fetchall()
             self._db.execute(
-                "UPDATE studies SET state=?, updated_at=? WHERE state IN (?, ?)",
-                (StudyState.PENDING.value, time.time(), "queued", "processing"),
+                "UPDATE studies SET state=?, last_received=0, updated_at=? WHERE state IN (?, ?)",
+                (StudyState.PENDING.value, time.time(), StudyState.QUEUED.value,
+                 StudyState.PROCESSING.value),
             )
+        interrupted = [str(r[0]) for r in rows]
+        for uid in interrupted:
+            logger.warning("spool recovery: study %s was interrupted, processing it again", uid)
+        return interrupted
 
     def close(self) -> None:
         """Close the index."""
@@ -182,13 +218,16 @@ class Spool:
 
     def store(
         self,
-        data: bytes,
+        data: bytes | Sequence[bytes],
         study_instance_uid: str,
         series_instance_uid: str,
         sop_instance_uid: str,
         sop_class_uid: str,
+        calling_aet: str = "",
     ) -> StoreOutcome:
         """Write one Part 10 file durably and index it; the study becomes pending.
+
+        ``calling_aet`` (the sender) selects the study's stable-time rule.
 
         Raises
         ------
@@ -204,39 +243,49 @@ class Spool:
         ]:
             if not is_valid_uid(uid):
                 raise IngestError(f"invalid {name} {uid!r}")
-        digest = hashlib.sha256(data).hexdigest()
+        parts = [data] if isinstance(data, bytes) else list(data)
+        sha = hashlib.sha256()
+        for part in parts:
+            sha.update(part)
+        digest, size = sha.hexdigest(), sum(len(part) for part in parts)
         path = self.studies_dir / study_instance_uid / series_instance_uid
         path = path / f"{sop_instance_uid}.dcm"
         old = self.instance(sop_instance_uid)
         if old is not None and old.sha256 == digest and old.path == path and path.exists():
             return StoreOutcome.DUPLICATE
-        write_durably(path, data, self.studies_dir)
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,
-                     str(path), len(data), digest, now),
-                )
-                self._db.execute(
-                    "INSERT INTO studies (study_instance_uid, state, last_received, updated_at)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET"
-                    " state=excluded.state, last_received=excluded.last_received,"
-                    " updated_at=excluded.updated_at",
-                    (study_instance_uid, StudyState.PENDING.value, now, now),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        write_durably(path, parts, self.studies_dir)
+        record = InstanceRecord(sop_instance_uid, study_instance_uid, series_instance_uid,
+                                sop_class_uid, path, size, digest, time.time())
+        self._index(record, calling_aet)
         if old is None:
             return StoreOutcome.STORED
         if old.path != path:
             # Same SOP instance now filed under another study/series: drop the stale copy.
             old.path.unlink(missing_ok=True)
         return StoreOutcome.REPLACED
+
+    def _index(self, r: InstanceRecord, calling_aet: str) -> None:
+        """Index one written instance and make its study pending, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r.sop_instance_uid, r.study_instance_uid, r.series_instance_uid,
+                     r.sop_class_uid, str(r.path), r.size, r.sha256, r.received_at),
+                )
+                self._db.execute(
+                    "INSERT INTO studies (study_instance_uid, state, last_received, updated_at,"
+                    " calling_aet) VALUES (?, ?, ?, ?, ?) ON CONFLICT (study_instance_uid)"
+                    " DO UPDATE SET state=excluded.state, last_received=excluded.last_received,"
+                    " updated_at=excluded.updated_at, calling_aet=excluded.calling_aet",
+                    (r.study_instance_uid, StudyState.PENDING.value, r.received_at,
+                     r.received_at, calling_aet),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         """The indexed instance with this SOP Instance UID, if any."""
@@ -260,8 +309,8 @@ class Spool:
         """The index entry of a study, if any."""
         with self._lock:
             row = self._db.execute(
-                "SELECT study_instance_uid, state, last_received, processed_count, error"
-                " FROM studies WHERE study_instance_uid=?",
+                "SELECT study_instance_uid, state, last_received, processed_count, error,"
+                " calling_aet FROM studies WHERE study_instance_uid=?",
                 (study_instance_uid,),
             ).fetchone()
         return None if row is None else _study(row)
@@ -269,8 +318,8 @@ class Spool:
     def studies(self, state: StudyState | None = None) -> list[StudyRecord]:
         """All studies, or those in ``state``, oldest activity first."""
         query = (
-            "SELECT study_instance_uid, state, last_received, processed_count, error"
-            " FROM studies"
+            "SELECT study_instance_uid, state, last_received, processed_count, error,"
+            " calling_aet FROM studies"
         )
         args: tuple[str, ...] = ()
         if state is not None:
@@ -316,5 +365,67 @@ def _instance(row: tuple[Any, ...]) -> InstanceRecord:
 
 
 def _study(row: tuple[Any, ...]) -> StudyRecord:
-    uid, state, last, count, error = row
-    return StudyRecord(str(uid), StudyState(state), float(last), int(count), str(error))
+    uid, state, last, count, error, calling_aet = row
+    return StudyRecord(
+        str(uid), StudyState(state), float(last), int(count), str(error), str(calling_aet)
+    )
+
+
+def request_analysis(spool_dir: Path, study_instance_uid: str) -> bool:
+    """Ask for a study of the spool to be analysed now (``liver-node analyze --study UID``).
+
+    Safe while the node runs in another process: it only updates the study's row in the WAL
+    index, making it ``pending`` with ``last_received`` 0, which the node's monitor treats as
+    complete at its next scan (or, if the node is down, at its next start). A study that is
+    queued or processing is left alone.
+
+    Returns
+    -------
+    bool
+        True if the study was marked; False if it is already queued or processing.
+
+    Raises
+    ------
+    IngestError
+        The spool index does not exist or does not know the study.
+    """
+    index = Path(spool_dir) / "index.sqlite3"
+    if not index.is_file():
+        raise IngestError(f"no spool index at {index}")
+    db = sqlite3.connect(index, isolation_level=None, timeout=30.0)
+    try:
+        row = db.execute(
+            "SELECT state FROM studies WHERE study_instance_uid=?", (study_instance_uid,)
+        ).fetchone()
+        if row is None:
+            raise IngestError(f"study {study_instance_uid} is not in the spool {spool_dir}")
+        cur = db.execute(
+            "UPDATE studies SET state=?, last_received=0, updated_at=?"
+            " WHERE study_instance_uid=? AND state NOT IN (?, ?)",
+            (StudyState.PENDING.value, time.time(), study_instance_uid,
+             StudyState.QUEUED.value, StudyState.PROCESSING.value),
+        )
+        return cur.rowcount == 1
+    finally:
+        db.close()
+
+
+def study_record(spool_dir: Path, study_instance_uid: str) -> StudyRecord | None:
+    """Read a study's index entry from any process (e.g. the study callback, the CLI).
+
+    ``processed_count > 0`` when the study callback runs means an earlier analysis of this
+    study exists (a late-arriving series): the new SR should reference its predecessor.
+    """
+    index = Path(spool_dir) / "index.sqlite3"
+    if not index.is_file():
+        raise IngestError(f"no spool index at {index}")
+    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30.0)
+    try:
+        row = db.execute(
+            "SELECT study_instance_uid, state, last_received, processed_count, error,"
+            " calling_aet FROM studies WHERE study_instance_uid=?",
+            (study_instance_uid,),
+        ).fetchone()
+    finally:
+        db.close()
+    return None if row is None else _study(row)
