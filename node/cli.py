@@ -29,14 +29,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import serve_forever
 
     overrides = {k: v for k, v in {"port": args.port, "ae_title": args.ae_title,
-                                   "spool_dir": args.spool_dir}.items() if v is not None}
+                                   "spool_dir": args.spool_dir,
+                                   "metrics_port": args.metrics_port}.items() if v is not None}
     settings = load_settings(Path(args.config) if args.config else None, overrides)
     return serve_forever(settings)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Analyse a study folder offline and write SEG + SR (optionally send them)."""
+    """Analyse a study folder offline, or ask the running node to analyse a spooled study."""
     from node import pipeline
+
+    if args.study:
+        return _request_analysis(args)
+    if not args.study_dir:
+        print("liver-node analyze: give a STUDY_DIR or --study UID", file=sys.stderr)
+        return 2
 
     send = []
     if args.send:
@@ -47,6 +54,28 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                            send=send)
     print(pipeline.format_report(outcome))
     print(f"SEG: {outcome.seg_path}\nSR:  {outcome.sr_path}")
+    return 0
+
+
+def _request_analysis(args: argparse.Namespace) -> int:
+    """``analyze --study UID``: mark a spooled study for analysis by the node (explicit trigger).
+
+    Works whether or not the node runs: a running node picks it up at its next scan, a
+    stopped one at its next start.
+    """
+    from node.config import load_settings
+    from node.errors import NodeError
+    from node.ingest import request_analysis
+
+    overrides = {"spool_dir": args.spool_dir} if args.spool_dir else {}
+    settings = load_settings(Path(args.config) if args.config else None, overrides)
+    try:
+        marked = request_analysis(Path(settings.spool_dir), args.study)
+    except NodeError as exc:
+        print(f"liver-node analyze: {exc}", file=sys.stderr)
+        return 1
+    print(f"study {args.study}: " + ("queued for analysis" if marked
+                                     else "already queued or being analysed"))
     return 0
 
 
@@ -92,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--ae-title")
     s.add_argument("--spool-dir")
+    s.add_argument("--metrics-port", type=int, help="serve /metrics and /health on this port")
     s.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("analyze", help="analyse a study folder offline")
-    a.add_argument("study_dir")
+    a = sub.add_parser("analyze", help="analyse a study folder offline, or a spooled study")
+    a.add_argument("study_dir", nargs="?")
+    a.add_argument("--study", help="StudyInstanceUID in the node's spool: analyse it now")
+    a.add_argument("--config", help="settings file (for --study: where the spool is)")
+    a.add_argument("--spool-dir", help="spool directory (for --study)")
     a.add_argument("--out", default="liver-node-output")
     a.add_argument("--dicomweb", help="DICOMweb URL of the archive, to find the prior study")
     a.add_argument("--send", help="C-STORE results to AET@host:port")
