@@ -183,6 +183,28 @@ def detect_lesions(
 ) -> LesionMaps:
     """Detect and delineate lesions in and at the border of the liver.
 
+    The work is done on the liver's bounding box plus the search margin and the smoothing's
+    reach (lesions cannot extend further), which makes it several times faster on 512x512
+    images; see :func:`_detect_in_box` for the parameters.
+    """
+    labels = np.zeros(liver.shape, dtype=np.int32)
+    if not liver.any():
+        return LesionMaps(labels=labels)
+    box = _grow_box(ndimage.find_objects(liver.astype(np.int8))[0], liver.shape, geometry,
+                    PARAMS["search_margin_mm"] + 4.0 * PARAMS["smooth_mm"] + 3.0)
+    box = (slice(max(box[0].start - 1, 0), min(box[0].stop + 1, liver.shape[0])), *box[1:])
+    maps = _detect_in_box({p: a[box] for p, a in phases.items()}, liver[box], body[box],
+                          geometry)
+    labels[box] = maps.labels
+    return LesionMaps(labels=labels, volumes_ml=maps.volumes_ml, notes=maps.notes)
+
+
+def _detect_in_box(
+    phases: Mapping[Phase, np.ndarray], liver: np.ndarray, body: np.ndarray,
+    geometry: Geometry,
+) -> LesionMaps:
+    """Detect and delineate lesions in and at the border of the liver (arrays of one box).
+
     Parameters
     ----------
     phases:
@@ -214,16 +236,22 @@ def detect_lesions(
     fraction = np.zeros(liver.shape, dtype=np.float32)
     notes: list[str] = []
     next_label = 1
+    # Voxels of rejected candidates: a seed lying wholly in one would delineate it again.
+    rejected = np.zeros(liver.shape, dtype=bool)
     # Largest seeds first; a seed inside an already delineated lesion adds nothing.
     for lab in sorted(range(1, n + 1), key=lambda i: (-sizes[i], i)):
         sl = boxes[lab - 1]
-        if sl is None or np.all(out[sl][labels[sl] == lab] > 0):
+        if sl is None:
+            continue
+        seed = labels[sl] == lab
+        if np.all((out[sl][seed] > 0) | rejected[sl][seed]):
             continue
         region = _delineate(labels, lab, sl, devs, sds, lipiodol, search & ~vessel, geometry)
         if region is None:
             continue
         box, mask, frac = region
         if not _accept(mask, liver[box], devs, sds, box, geometry, notes):
+            rejected[box] |= mask
             continue
         np.maximum(fraction[box], frac, out=fraction[box])
         if _paint_lesion(out, box, mask, next_label):
@@ -437,7 +465,9 @@ def _signature_groups(comp: np.ndarray, d: np.ndarray, lipiodol: np.ndarray,
         tissue = comp & ~lipiodol
     core = lip_all.copy()
     if tissue.any():
-        mag = np.sqrt(np.sum(d[:, tissue] ** 2, axis=0))
+        # Ranked on a 3x3x3 mean, not on the voxel: ranking noisy voxels by their own
+        # magnitude selects positive noise and biases the signature (and the half level) up.
+        mag = ndimage.uniform_filter(np.sqrt(np.sum(d ** 2, axis=0)), size=3)[tissue]
         core[tissue] = mag >= np.percentile(mag, PARAMS["core_percentile"])
     groups: list[np.ndarray] = []
     lip = core & lipiodol

@@ -30,9 +30,13 @@ PARAMS: dict[str, float] = {
     "window_sd": 3.0,  # window half-width in robust SD of the liver
     "window_min_hu": 18.0,  # ...but never narrower than this (smoothed image)
     "erode_mm": 6.0,  # cuts bridges to neighbouring organs
+    "erode_z_mm": 4.0,  # ...and in 3D (cuts contacts through one thin slice)
     "regrow_mm": 9.0,  # how far the eroded seed may grow back
     "close_mm": 8.0,  # per-slice closing: notches at the edge (peripheral lesions)
     "min_liver_ml": 50.0,
+    "border_rings": 2,  # surface refinement: at most this many one-voxel shells...
+    "border_outside_mm": 4.0,  # ...at half-way to the darkest tissue within this distance
+    "border_floor_hu": -100.0,  # ...counted as fat when darker (air, lung)
 }
 
 
@@ -40,9 +44,11 @@ PARAMS: dict[str, float] = {
 class LiverSegmentation:
     """The liver mask and the liver's attenuation statistics on the reference volume."""
 
-    mask: np.ndarray  # bool, reference grid
+    mask: np.ndarray  # bool, reference grid: the well-inside liver, for lesion detection
     median_hu: float
     sd_hu: float  # robust (1.4826 MAD) SD of the smoothed liver parenchyma
+    #: The liver to report: ``mask`` with its surface at the half-contrast level (volume).
+    envelope: np.ndarray | None = None
 
 
 def smooth_inplane(array: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
@@ -101,7 +107,35 @@ def segment_liver(array: np.ndarray, geometry: Geometry) -> LiverSegmentation:
         raise ValueError("no liver-sized region found in the reference volume")
     mask = _fill_and_close(mask, body, geometry)
     med, sd = robust_stats(sm[mask & window])
-    return LiverSegmentation(mask=mask, median_hu=med, sd_hu=max(sd, 1.0))
+    envelope = refine_border(mask, sm, body, geometry, med, med + half)
+    return LiverSegmentation(mask=mask, median_hu=med, sd_hu=max(sd, 1.0), envelope=envelope)
+
+
+def refine_border(mask: np.ndarray, sm: np.ndarray, body: np.ndarray, geometry: Geometry,
+                  liver_hu: float, upper_hu: float) -> np.ndarray:
+    """Move the surface to the half-contrast level between liver and what lies outside.
+
+    The intensity window keeps only voxels close to the liver's own attenuation, which cuts
+    the partial-volume surface voxels (and the first and last slices) that the >= 50 %
+    occupancy convention counts as liver. Up to ``border_rings`` one-voxel shells (in plane
+    and through the slices) are added where the voxel reaches half-way between the liver and
+    the darkest tissue in its neighbourhood; voxels brighter than ``upper_hu`` (vessels,
+    kidney) are not. Where the neighbour is similar to liver the threshold is near the liver
+    level and little is added.
+    """
+    _, dy, dx = geometry.spacing
+    r = PARAMS["border_outside_mm"]
+    size = (1, 2 * int(np.ceil(r / dy)) + 1, 2 * int(np.ceil(r / dx)) + 1)
+    outside = ndimage.minimum_filter(np.where(body, sm, np.float32(liver_hu)), size=size)
+    thr = (liver_hu + np.maximum(outside, PARAMS["border_floor_hu"])) / 2.0
+    cross = ndimage.generate_binary_structure(3, 1)
+    for _ in range(int(PARAMS["border_rings"])):
+        shell = ndimage.binary_dilation(mask, structure=cross) & ~mask & body
+        add = shell & (sm >= thr) & (sm <= upper_hu)
+        if not add.any():
+            break
+        mask = mask | add
+    return mask
 
 
 def _histogram_region(body: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -143,7 +177,9 @@ def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
     dist = np.empty(window.shape, dtype=np.float32)
     for k in range(window.shape[0]):
         dist[k] = ndimage.distance_transform_edt(window[k], sampling=(dy, dx))
-    core = dist > PARAMS["erode_mm"]
+    # Through the slices too: the heart rests on the liver dome across the thin diaphragm.
+    core = (dist > PARAMS["erode_mm"]) & (
+        ndimage.distance_transform_edt(window, sampling=geometry.spacing) > PARAMS["erode_z_mm"])
     labels, n = ndimage.label(core)
     if n == 0:
         return np.zeros_like(window)
@@ -155,10 +191,12 @@ def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
     # Prefer right-sided components; among those, the largest.
     score = sizes * np.where(x_mean < body_x, 1.0, 0.25)
     seed = labels == 1 + int(np.argmax(score))
-    grow = np.empty(window.shape, dtype=np.float32)
+    # Distances are needed only within the regrowth reach of the seed's bounding box.
+    box = _bbox_inplane(seed, geometry, PARAMS["regrow_mm"] + max(dy, dx))
+    grow = np.full(window.shape, np.inf, dtype=np.float32)
     for k in range(window.shape[0]):
-        grow[k] = (ndimage.distance_transform_edt(~seed[k], sampling=(dy, dx))
-                   if seed[k].any() else np.inf)
+        if seed[k].any():
+            grow[k][box] = ndimage.distance_transform_edt(~seed[k][box], sampling=(dy, dx))
     cand = window & (grow <= PARAMS["regrow_mm"])
     # Keep only what stays connected to the seed.
     labels, _ = ndimage.label(cand)
@@ -172,15 +210,29 @@ def _fill_and_close(mask: np.ndarray, body: np.ndarray, geometry: Geometry) -> n
     mask = ndimage.binary_fill_holes(mask)
     r = PARAMS["close_mm"]
     out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    box = _bbox_inplane(mask, geometry, 0.0)
+    pad = int(np.ceil(r / min(dy, dx))) + 1
     for k in range(mask.shape[0]):
         if not mask[k].any():
             continue
         # Closing by distance transforms: dilate by r, then erode by r (padding keeps the
-        # image border from eroding the dilated region).
-        pad = int(np.ceil(r / min(dy, dx))) + 1
-        m = np.pad(mask[k], pad)
+        # image border from eroding the dilated region); only the mask's box is needed.
+        m = np.pad(mask[k][box], pad)
         dilated = ndimage.distance_transform_edt(~m, sampling=(dy, dx)) <= r
         closed = ndimage.distance_transform_edt(dilated, sampling=(dy, dx)) > r
         closed = closed[pad:-pad, pad:-pad]
-        out[k] = ndimage.binary_fill_holes(closed | mask[k]) & body[k]
+        out[k][box] = ndimage.binary_fill_holes(closed | mask[k][box]) & body[k][box]
     return out
+
+
+def _bbox_inplane(mask: np.ndarray, geometry: Geometry,
+                  margin_mm: float) -> tuple[slice, slice]:
+    """In-plane bounding box of a non-empty 3D mask over all slices, grown by a margin."""
+    _, dy, dx = geometry.spacing
+    rows = np.nonzero(mask.any(axis=(0, 2)))[0]
+    cols = np.nonzero(mask.any(axis=(0, 1)))[0]
+    my, mx = int(np.ceil(margin_mm / dy)), int(np.ceil(margin_mm / dx))
+    return (slice(max(rows[0] - my, 0), min(rows[-1] + 1 + my, mask.shape[1])),
+            slice(max(cols[0] - mx, 0), min(cols[-1] + 1 + mx, mask.shape[2])))

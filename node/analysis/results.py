@@ -49,6 +49,20 @@ class LesionMeasurement:
     # Follow-up only: the matched prior lesion (None = new lesion).
     prior_volume_ml: float | None = None
     is_new: bool = False
+    # Characterisation (node.analysis.enhancement); None / empty where not measurable.
+    largest_diameter_3d_mm: float | None = None  # longest distance between two lesion points
+    sd_hu: dict[str, float] = field(default_factory=dict)  # Phase.value -> SD of HU
+    #: Phase.value -> mean HU minus the mean HU of the same voxels on the plain scan.
+    enhancement_vs_native_hu: dict[str, float] = field(default_factory=dict)
+    #: Phase.value -> mean HU minus the liver parenchyma's median HU in that phase.
+    enhancement_vs_liver_hu: dict[str, float] = field(default_factory=dict)
+    enhancing_volume_ml: float | None = None  # viable: enhancing tissue, lipiodol excluded
+    necrotic_volume_ml: float | None = None  # non-enhancing tissue, lipiodol excluded
+    necrotic_fraction: float | None = None  # necrotic / lesion volume
+    lipiodol_volume_ml: float | None = None  # dense in every phase incl. plain (never enhancing)
+    size_pattern: str | None = None  # "homogeneous" (< 2 cm) | "heterogeneous" | "necrotic"
+    #: Phase.value -> "hyper" | "iso" | "hypo" against the liver (viable part of the lesion).
+    phase_behaviour: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +115,11 @@ class AnalysisResult:
     #: The liver measured like a lesion (volume, outline and axes on its largest axial slice):
     #: the SR gives the liver a planar group beside its volumetric one, as viewers need.
     liver: LesionMeasurement | None = None
+    #: Sum of the lesion volumes (ml) and its share of the liver volume (lesions included), %.
+    total_tumour_volume_ml: float | None = None
+    tumour_burden_percent: float | None = None
+    #: Phase.value -> median HU of the liver parenchyma (lesions and vessels excluded).
+    liver_median_hu: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_volume_ml(self) -> float:

@@ -12,17 +12,13 @@ import time
 
 import numpy as np
 
-from node.analysis.lesions import detect_lesions
-from node.analysis.liver import (
-    LiverSegmentation,
-    body_mask,
-    segment_liver,
-    smooth_inplane,
-)
+from node.analysis.enhancement import characterise, phase_context
+from node.analysis.liver import LiverSegmentation, body_mask, smooth_inplane
 from node.analysis.measure import liver_summary, measure_lesion
 from node.analysis.register import align_to_reference
 from node.analysis.response import assess_response
 from node.analysis.results import AnalysisResult, LesionMeasurement, PriorStudy
+from node.analysis.segment import DEFAULT_BACKEND, SegmentationBackend
 from node.analysis.tracking import assign_baseline, id_number, track
 from node.errors import AnalysisError
 from node.study.model import Geometry, Phase, Study
@@ -35,7 +31,8 @@ REGISTRATION_MARGIN_MM = 20.0
 SOFT_TISSUE_HU = -30.0
 
 
-def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
+def analyze(study: Study, prior: PriorStudy | None = None,
+            backend: SegmentationBackend | None = None) -> AnalysisResult:
     """Analyse one assembled study.
 
     Parameters
@@ -44,6 +41,8 @@ def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
         The assembled study; measurements are made on :attr:`Study.reference`.
     prior:
         The patient's previous time point, for tracking and response (None: baseline).
+    backend:
+        Segmentation backend (default: the classical one, :data:`DEFAULT_BACKEND`).
 
     Returns
     -------
@@ -56,23 +55,29 @@ def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
         If the liver cannot be segmented.
     """
     t0 = time.perf_counter()
+    seg = backend or DEFAULT_BACKEND
     ref = study.reference
     geom = ref.geometry
-    notes: list[str] = [f"reference: {ref.phase.value} series {ref.series_instance_uid}"]
+    notes: list[str] = [f"reference: {ref.phase.value} series {ref.series_instance_uid}",
+                        f"segmentation: {seg.name} {seg.version}"]
     try:
-        liver = segment_liver(ref.array, geom)
+        liver = seg.segment_liver(ref.array, geom)
     except ValueError as exc:
         raise AnalysisError(f"liver segmentation failed: {exc}") from exc
     notes.append(f"liver {liver.median_hu:.0f} HU (SD {liver.sd_hu:.1f})")
     phases = align_phases(study, liver, notes)
     soft = body_mask(ref.array) & (smooth_inplane(ref.array, geom, 1.5) > SOFT_TISSUE_HU)
-    maps = detect_lesions(phases, liver.mask, soft, geom)
+    maps = seg.detect_lesions(phases, liver.mask, soft, geom)
     notes.extend(maps.notes)
-    liver_mask = liver.mask | (maps.labels > 0)
+    envelope = liver.mask if liver.envelope is None else liver.envelope
+    liver_mask = envelope | (maps.labels > 0)
     arrays = {p.value: a for p, a in phases.items()}
     lesions = [measure_lesion(maps.labels == lab, geom, lab, arrays,
                               volume_ml=maps.volumes_ml.get(lab))
                for lab in range(1, int(maps.labels.max()) + 1) if (maps.labels == lab).any()]
+    ctx = phase_context(arrays, liver.mask & (maps.labels == 0), geom)
+    for les in lesions:
+        characterise(les, maps.labels == les.label, ctx, geom)
     liver_ml, liver_c = liver_summary(liver_mask, geom)
     response = None
     if prior is None:
@@ -88,6 +93,7 @@ def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
                                        volume_ml=liver_ml)
     liver_measurement.tracking_id = "Liver"
     notes.append(f"analysis {time.perf_counter() - t0:.1f} s")
+    total = float(sum(les.volume_ml for les in lesions))
     return AnalysisResult(
         study_instance_uid=study.study_instance_uid,
         liver_mask=liver_mask,
@@ -98,6 +104,9 @@ def analyze(study: Study, prior: PriorStudy | None = None) -> AnalysisResult:
         response=response,
         notes=notes,
         liver=liver_measurement,
+        total_tumour_volume_ml=total,
+        tumour_burden_percent=100.0 * total / liver_ml if liver_ml > 0 else None,
+        liver_median_hu=dict(ctx.liver_median),
     )
 
 
