@@ -92,6 +92,9 @@ class Settings:
     tls_cert, tls_key, tls_ca:
         PEM files: with cert and key the listener speaks DICOM TLS (PS3.15 B.1); with a CA
         file too, peers must present a certificate signed by it. Empty: plain TCP.
+    report_unanalysable:
+        When a study cannot be analysed (no usable CT series), send a short SR saying why
+        to the archive; otherwise the reason is only logged.
     archive:
         The archive the node talks to.
     """
@@ -113,6 +116,7 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    report_unanalysable: bool = False
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
 
     def describe(self) -> str:
@@ -125,7 +129,9 @@ class Settings:
             f"workers={self.workers} min_free_bytes={self.min_free_bytes} "
             f"max_associations={self.max_associations} max_pdu_bytes={self.max_pdu_bytes} "
             f"max_instance_bytes={self.max_instance_bytes} metrics_port={self.metrics_port} "
-            f"tls={'on' if self.tls_cert else 'off'} archive={a.ae_title}@{a.host}:{a.port} "
+            f"tls={'on' if self.tls_cert else 'off'} "
+            f"report_unanalysable={self.report_unanalysable} "
+            f"archive={a.ae_title}@{a.host}:{a.port} "
             f"dicomweb={a.dicomweb_url} calling_aet={a.calling_aet}"
         )
 
@@ -160,6 +166,13 @@ def _convert(value: Any, ftype: Any, key: str, source: str) -> Any:
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return tuple(value)
+        if ftype in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            if from_env and value.strip().lower() in ("1", "true", "yes", "on", "0", "false",
+                                                      "no", "off"):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            raise TypeError
         if ftype in ("str", str):
             if not isinstance(value, str):
                 raise TypeError

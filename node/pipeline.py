@@ -173,6 +173,44 @@ def run(
     return Outcome(study, result, prior, seg_path, sr_path, seconds)
 
 
+def report_not_analysable(
+    study_dir: Path, reason: str, out_dir: Path,
+    send: Iterable[tuple[str, str, int, str]] = (),
+) -> Path | None:
+    """Write (and send) the short "not analysable" SR for the study under ``study_dir``.
+
+    Returns the SR's path, or None when no readable DICOM instance is there to say which
+    patient and study the report belongs to.
+    """
+    import pydicom
+
+    from node.dicom.status_sr import build_not_analysable_sr
+
+    source = None
+    for path in sorted(p for p in study_dir.rglob("*") if p.is_file()):
+        try:
+            source = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - any unreadable file: try the next one
+            logger.debug("not a readable DICOM file: %s", path)
+            continue
+        if "StudyInstanceUID" in source:
+            break
+        source = None
+    if source is None:
+        logger.warning("no readable instance in %s: no report sent", study_dir)
+        return None
+    sr = build_not_analysable_sr(source, reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"SR-{sr.SOPInstanceUID}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    for ae_title, host, port, calling_aet in send:
+        from node.archive.dimse import store_datasets
+
+        store_datasets([path], ae_title=ae_title, host=host, port=port, calling_aet=calling_aet)
+    logger.info("sent the not-analysable report of %s", source.StudyInstanceUID)
+    return path
+
+
 def format_report(outcome: Outcome) -> str:
     """A plain-text per-lesion table and the response, as the CLI and the demo print it."""
     s, r = outcome.study, outcome.result

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from node import pipeline
 from node.config import Settings
+from node.errors import StudyError
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,14 @@ def make_study_handler(
         send = []
         if archive.host and archive.port:
             send.append((archive.ae_title, archive.host, archive.port, archive.calling_aet))
-        outcome = pipeline.run(study_dir, out_dir, dicomweb_url=archive.dicomweb_url or None,
-                               send=send)
+        try:
+            outcome = pipeline.run(study_dir, out_dir,
+                                   dicomweb_url=archive.dicomweb_url or None, send=send)
+        except StudyError as exc:
+            # Not a node failure: the study holds nothing the node can measure.
+            if settings.report_unanalysable:
+                pipeline.report_not_analysable(study_dir, str(exc), out_dir, send)
+            return
         logger.info("report for %s\n%s", study_instance_uid, pipeline.format_report(outcome))
         if on_outcome is not None:
             on_outcome(outcome)

@@ -161,3 +161,11 @@ _LESION_COLORS = (
 def lesion_color(label: int) -> CIELabColor:
     """Display colour of the lesion with label ``label`` (1-based), cycling a fixed palette."""
     return _LESION_COLORS[(label - 1) % len(_LESION_COLORS)]
+
+# --- The "not analysable" report ---------------------------------------------------------------
+
+#: Root of the short report sent when a study cannot be analysed (LOINC "Diagnostic imaging
+#: study report"; not a TID 1500 report, which needs measurements).
+NOT_ANALYSABLE_TITLE = CodedConcept("18748-4", "LN", "Diagnostic imaging report")
+#: Its finding: the study could not be analysed; the reason follows as TEXT.
+FINDING_TEXT = CodedConcept("121071", "DCM", "Finding")
