@@ -34,6 +34,7 @@ PARAMS: dict[str, float] = {
     "regrow_mm": 9.0,  # how far the eroded seed may grow back
     "close_mm": 8.0,  # per-slice closing: notches at the edge (peripheral lesions)
     "min_liver_ml": 50.0,
+    "blood_art_hu": 50.0,  # arterial blood pool: this much brighter than the liver (HU)
     "border_rings": 2,  # surface refinement: at most this many one-voxel shells...
     "border_outside_mm": 4.0,  # ...at half-way to the darkest tissue within this distance
     "border_floor_hu": -100.0,  # ...counted as fat when darker (air, lung)
@@ -85,8 +86,14 @@ def patient_lr_superior(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
     return x_ij, z_k
 
 
-def segment_liver(array: np.ndarray, geometry: Geometry) -> LiverSegmentation:
+def segment_liver(array: np.ndarray, geometry: Geometry,
+                  exclude: np.ndarray | None = None) -> LiverSegmentation:
     """Segment the liver on a (portal venous) HU volume.
+
+    ``exclude`` (bool, same grid) marks voxels that are known not to be liver, e.g. the blood
+    pool seen in an aligned arterial phase (:func:`blood_pool`); they are taken out of the
+    intensity window before the seed is chosen, so that the heart, iso-dense to liver in the
+    portal venous phase, cannot join it through the IVC.
 
     Raises
     ------
@@ -102,6 +109,8 @@ def segment_liver(array: np.ndarray, geometry: Geometry) -> LiverSegmentation:
     med, sd = robust_stats(near) if near.size else (mode, 10.0)
     half = max(PARAMS["window_sd"] * sd, PARAMS["window_min_hu"])
     window = body & (sm > med - half) & (sm < med + half)
+    if exclude is not None:
+        window &= ~exclude
     mask = _seed_and_regrow(window, geometry)
     if mask.sum() * geometry.voxel_volume_ml < PARAMS["min_liver_ml"]:
         raise ValueError("no liver-sized region found in the reference volume")
@@ -109,6 +118,26 @@ def segment_liver(array: np.ndarray, geometry: Geometry) -> LiverSegmentation:
     med, sd = robust_stats(sm[mask & window])
     envelope = refine_border(mask, sm, body, geometry, med, med + half)
     return LiverSegmentation(mask=mask, median_hu=med, sd_hu=max(sd, 1.0), envelope=envelope)
+
+
+def blood_pool(arterial: np.ndarray, liver: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Blood pool (heart, aorta, enhanced veins) from the arterial phase on the reference grid.
+
+    In the arterial phase the blood is far brighter than the liver parenchyma (which is fed
+    mostly by the portal vein), while in the portal venous phase the two can be iso-dense.
+    Voxels brighter than the liver's arterial level by ``blood_art_hu`` are blood pool; so
+    are those darker by as much (the IVC and veins before the contrast returns) but dense in
+    the portal venous phase (the window of :func:`segment_liver` requires that).
+    Arterially enhancing lesions inside the liver may be marked too; the hole filling of
+    :func:`segment_liver` takes them back into the liver.
+    """
+    sm = smooth_inplane(arterial, geometry, PARAMS["smooth_mm"])
+    inside = liver & (sm > PARAMS["body_hu"])
+    if not inside.any():
+        return np.zeros(arterial.shape, dtype=bool)
+    liver_art = float(np.median(sm[inside]))
+    unenhanced = (sm > PARAMS["body_hu"]) & (sm < liver_art - PARAMS["blood_art_hu"])
+    return (sm > liver_art + PARAMS["blood_art_hu"]) | unenhanced
 
 
 def refine_border(mask: np.ndarray, sm: np.ndarray, body: np.ndarray, geometry: Geometry,
@@ -146,10 +175,11 @@ def _histogram_region(body: np.ndarray, geometry: Geometry) -> np.ndarray:
     ks = np.nonzero(body.any(axis=(1, 2)))[0]
     zs = z_k[ks]
     z_cut = zs.min() + (zs.max() - zs.min()) / 3.0
+    dist = _edt_slices(body, geometry)
     for k in ks:
         if z_k[k] < z_cut:
             continue
-        inner = ndimage.distance_transform_edt(body[k], sampling=(dy, dx)) > PARAMS["interior_mm"]
+        inner = dist[k] > PARAMS["interior_mm"]
         if not inner.any():
             continue
         x_mid = float(np.median(x_ij[body[k]]))
@@ -174,9 +204,7 @@ def _histogram_mode(values: np.ndarray) -> float:
 def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Erode, keep the largest component on the patient's right, grow back in the window."""
     _, dy, dx = geometry.spacing
-    dist = np.empty(window.shape, dtype=np.float32)
-    for k in range(window.shape[0]):
-        dist[k] = ndimage.distance_transform_edt(window[k], sampling=(dy, dx))
+    dist = _edt_slices(window, geometry)
     # Through the slices too: the heart rests on the liver dome across the thin diaphragm.
     core = (dist > PARAMS["erode_mm"]) & (
         ndimage.distance_transform_edt(window, sampling=geometry.spacing) > PARAMS["erode_z_mm"])
@@ -225,6 +253,23 @@ def _fill_and_close(mask: np.ndarray, body: np.ndarray, geometry: Geometry) -> n
         closed = closed[pad:-pad, pad:-pad]
         out[k][box] = ndimage.binary_fill_holes(closed | mask[k][box]) & body[k][box]
     return out
+
+
+def _edt_slices(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Per-slice in-plane distance of every mask voxel to the nearest background voxel.
+
+    Exact, but computed only inside the mask's in-plane bounding box grown by one voxel
+    (outside it the distance is 0), which saves most of the work on a large field of view.
+    """
+    _, dy, dx = geometry.spacing
+    dist = np.zeros(mask.shape, dtype=np.float32)
+    if not mask.any():
+        return dist
+    box = _bbox_inplane(mask, geometry, max(dy, dx))
+    for k in range(mask.shape[0]):
+        if mask[k].any():
+            dist[k][box] = ndimage.distance_transform_edt(mask[k][box], sampling=(dy, dx))
+    return dist
 
 
 def _bbox_inplane(mask: np.ndarray, geometry: Geometry,

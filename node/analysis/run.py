@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from node.analysis.enhancement import characterise, phase_context
-from node.analysis.liver import LiverSegmentation, body_mask, smooth_inplane
+from node.analysis.liver import LiverSegmentation, blood_pool, body_mask, smooth_inplane
 from node.analysis.measure import liver_summary, measure_lesion
 from node.analysis.register import align_to_reference
 from node.analysis.response import assess_response
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: Margin (mm) around the liver to which the registration metric is restricted.
 REGISTRATION_MARGIN_MM = 20.0
+#: Share of the first liver mask that must be arterial blood pool to segment again without it.
+BLOOD_POOL_SHARE = 0.02
 #: Soft tissue (HU, smoothed reference) into which a lesion may extend beyond the liver mask.
 SOFT_TISSUE_HU = -30.0
 
@@ -64,8 +66,9 @@ def analyze(study: Study, prior: PriorStudy | None = None,
         liver = seg.segment_liver(ref.array, geom)
     except ValueError as exc:
         raise AnalysisError(f"liver segmentation failed: {exc}") from exc
-    notes.append(f"liver {liver.median_hu:.0f} HU (SD {liver.sd_hu:.1f})")
     phases = align_phases(study, liver, notes)
+    liver = exclude_blood_pool(seg, ref.array, geom, liver, phases, notes)
+    notes.append(f"liver {liver.median_hu:.0f} HU (SD {liver.sd_hu:.1f})")
     soft = body_mask(ref.array) & (smooth_inplane(ref.array, geom, 1.5) > SOFT_TISSUE_HU)
     maps = seg.detect_lesions(phases, liver.mask, soft, geom)
     notes.extend(maps.notes)
@@ -130,6 +133,32 @@ def align_phases(study: Study, liver: LiverSegmentation,
                      + ", ".join(f"{v:.1f}" for v in al.shift_mm) + " mm")
         out[phase] = al.array
     return out
+
+
+def exclude_blood_pool(seg: SegmentationBackend, array: np.ndarray, geometry: Geometry,
+                       liver: LiverSegmentation, phases: dict[Phase, np.ndarray],
+                       notes: list[str]) -> LiverSegmentation:
+    """Segment the liver again without the blood pool seen in the aligned arterial phase.
+
+    In the portal venous phase the heart and IVC can be iso-dense to the liver and join it;
+    in the arterial phase they are not (much brighter, or not yet enhanced). When enough of
+    the first mask is such blood pool, the liver is segmented again with it excluded.
+    """
+    arterial = phases.get(Phase.ARTERIAL)
+    if arterial is None or arterial is array or not liver.mask.any():
+        return liver
+    blood = blood_pool(arterial, liver.mask, geometry)
+    share = float((blood & liver.mask).sum()) / float(liver.mask.sum())
+    if share < BLOOD_POOL_SHARE:
+        return liver
+    try:
+        again = seg.segment_liver(array, geometry, exclude=blood)
+    except ValueError:
+        return liver
+    vox = geometry.voxel_volume_ml
+    notes.append(f"blood pool excluded ({100 * share:.0f} % of the first mask): liver "
+                 f"{liver.mask.sum() * vox:.0f} -> {again.mask.sum() * vox:.0f} ml")
+    return again
 
 
 def relabel(labels: np.ndarray, lesions: list[LesionMeasurement]

@@ -34,10 +34,12 @@ class SegmentationBackend(Protocol):
     name: str
     version: str
 
-    def segment_liver(self, array: np.ndarray, geometry: Geometry) -> LiverSegmentation:
+    def segment_liver(self, array: np.ndarray, geometry: Geometry,
+                      exclude: np.ndarray | None = None) -> LiverSegmentation:
         """Liver mask and parenchyma statistics on the reference (portal venous) volume.
 
-        Raises ValueError when no liver is found.
+        ``exclude`` marks voxels known not to be liver (the blood pool seen in the aligned
+        arterial phase); a backend may ignore it. Raises ValueError when no liver is found.
         """
         ...
 
@@ -53,9 +55,10 @@ class ClassicalBackend:
     name = "liver-node classical"
     version = "1"
 
-    def segment_liver(self, array: np.ndarray, geometry: Geometry) -> LiverSegmentation:
+    def segment_liver(self, array: np.ndarray, geometry: Geometry,
+                      exclude: np.ndarray | None = None) -> LiverSegmentation:
         """See :func:`node.analysis.liver.segment_liver`."""
-        return segment_liver(array, geometry)
+        return segment_liver(array, geometry, exclude)
 
     def detect_lesions(self, phases: Mapping[Phase, np.ndarray], liver: np.ndarray,
                        soft_tissue: np.ndarray, geometry: Geometry) -> LesionMaps:
