@@ -115,12 +115,17 @@ class AnalysisResult:
     #: The liver measured like a lesion (volume, outline and axes on its largest axial slice):
     #: the SR gives the liver a planar group beside its volumetric one, as viewers need.
     liver: LesionMeasurement | None = None
-    #: Sum of the lesion volumes (ml) and its share of the liver volume (lesions included), %.
-    total_tumour_volume_ml: float | None = None
-    tumour_burden_percent: float | None = None
     #: Phase.value -> median HU of the liver parenchyma (lesions and vessels excluded).
     liver_median_hu: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_volume_ml(self) -> float:
+        """Sum of the lesion volumes (ml)."""
         return float(sum(les.volume_ml for les in self.lesions))
+
+    @property
+    def tumour_burden_percent(self) -> float | None:
+        """Total lesion volume as a share of the liver volume (lesions included), %."""
+        if self.liver_volume_ml <= 0:
+            return None
+        return 100.0 * self.total_volume_ml / self.liver_volume_ml

@@ -96,7 +96,6 @@ def analyze(study: Study, prior: PriorStudy | None = None,
                                        volume_ml=liver_ml)
     liver_measurement.tracking_id = "Liver"
     notes.append(f"analysis {time.perf_counter() - t0:.1f} s")
-    total = float(sum(les.volume_ml for les in lesions))
     return AnalysisResult(
         study_instance_uid=study.study_instance_uid,
         liver_mask=liver_mask,
@@ -107,8 +106,6 @@ def analyze(study: Study, prior: PriorStudy | None = None,
         response=response,
         notes=notes,
         liver=liver_measurement,
-        total_tumour_volume_ml=total,
-        tumour_burden_percent=100.0 * total / liver_ml if liver_ml > 0 else None,
         liver_median_hu=dict(ctx.liver_median),
     )
 
