@@ -80,6 +80,9 @@ class Settings:
         free space than this.
     max_associations:
         Concurrent associations accepted; more are rejected (PS3.8 7.1.1.9, local limit).
+    max_associations_per_host:
+        Concurrent connections one host may hold (0: no limit); more are shut at once, so
+        one peer (or a stalled or hostile one) cannot take every slot.
     max_pdu_bytes:
         Maximum PDU length the node receives (PS3.8 D.1); 0 means unlimited.
     max_instance_bytes:
@@ -109,6 +112,7 @@ class Settings:
     stable_seconds_by_aet: tuple[str, ...] = ()
     min_free_bytes: int = 256 * 1024 * 1024
     max_associations: int = 16
+    max_associations_per_host: int = 8
     max_pdu_bytes: int = 262144
     max_instance_bytes: int = 2 * 1024 * 1024 * 1024
     network_timeout: float = 60.0
@@ -127,7 +131,9 @@ class Settings:
             f"ae={self.ae_title} listen={self.host}:{self.port} spool={self.spool_dir} "
             f"stable_seconds={self.stable_seconds:g} allowed_calling_aets={allowed} "
             f"workers={self.workers} min_free_bytes={self.min_free_bytes} "
-            f"max_associations={self.max_associations} max_pdu_bytes={self.max_pdu_bytes} "
+            f"max_associations={self.max_associations} "
+            f"max_associations_per_host={self.max_associations_per_host} "
+            f"max_pdu_bytes={self.max_pdu_bytes} "
             f"max_instance_bytes={self.max_instance_bytes} metrics_port={self.metrics_port} "
             f"tls={'on' if self.tls_cert else 'off'} "
             f"report_unanalysable={self.report_unanalysable} "
@@ -273,7 +279,7 @@ def _validate(settings: Settings) -> None:
     if settings.workers < 1:
         raise ConfigError(f"bad workers {settings.workers}: must be >= 1")
     stable_by_aet(settings)  # raises ConfigError for a malformed entry
-    for key in ("min_free_bytes", "max_pdu_bytes", "metrics_port"):
+    for key in ("min_free_bytes", "max_pdu_bytes", "metrics_port", "max_associations_per_host"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"bad {key} {getattr(settings, key)}: must be >= 0")
     if not settings.network_timeout > 0:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -102,7 +104,50 @@ def test_association_limit_rejects_the_extra_peer(make_node: Make) -> None:
         assert extra.is_rejected
     finally:
         held.release()
+    # the node's thread of the released association ends just after the peer saw the release
+    assert _wait(lambda: not node.ae.active_associations, 2.0)
     assert _store(node.port, make_ct_series(n=1)) == [0]
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_peer_that_hangs_up_mid_request_frees_its_slot_at_once(make_node: Make) -> None:
+    """Half an A-ASSOCIATE-RQ, or nothing, then hang up: the slot is free at once, not after
+    the ACSE timeout (30 s here), so such peers cannot starve the node of associations."""
+    node = make_node(max_associations=2, network_timeout=30.0)
+    for payload in (b"\x01\x00\x00\x00\x01\x00\x00\x01", b""):  # half an RQ; nothing
+        socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+        for sock in socks:
+            sock.sendall(payload)
+        assert _wait(lambda: len(node.ae.active_associations) == 2, 5)
+        for sock in socks:
+            sock.close()
+        assert _wait(lambda: not node.ae.active_associations, 2.0), "slots still held"
+    assert _store(node.port, make_ct_series(n=1)) == [0]
+
+
+def test_connections_per_host_are_limited(make_node: Make) -> None:
+    node = make_node(max_associations=8, max_associations_per_host=2, network_timeout=30.0)
+    held = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+    try:
+        assert _wait(lambda: len(node.ae.active_associations) == 2, 5)
+        extra = socket.create_connection(("127.0.0.1", node.port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # shut by the node at once
+        extra.close()
+        assert _associate(node.port).is_established is False
+    finally:
+        for sock in held:
+            sock.close()
+    assert _wait(lambda: not node.ae.active_associations, 2.0)
+    assert _store(node.port, make_ct_series(n=1)) == [0]  # the host may come back
 
 
 def test_calling_ae_host_check(make_node: Make) -> None:
@@ -113,7 +158,8 @@ def test_calling_ae_host_check(make_node: Make) -> None:
     for calling in ("ORTHANC", "INTRUDER"):  # from the wrong host / not listed
         with pytest.raises(ArchiveError, match="rejected"):
             echo(calling_aet=calling, **kw)  # type: ignore[arg-type]
-    assert node.metrics.associations_rejected == 2
+    # counted on the node's thread, possibly just after the peer saw the rejection
+    assert _wait(lambda: node.metrics.associations_rejected == 2, 2.0)
 
 
 def test_stable_time_per_calling_ae(make_node: Make, done: queue.Queue[str]) -> None:

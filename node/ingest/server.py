@@ -182,7 +182,8 @@ class NodeServer:
             The address cannot be bound.
         """
         handlers: list[EventHandlerType] = [
-            (evt.EVT_CONN_OPEN, handle_conn_open, [self.associations]),
+            (evt.EVT_CONN_OPEN, handle_conn_open,
+             [self.associations, self.settings.max_associations_per_host]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self.associations]),
             (evt.EVT_REQUESTED, handle_requested, [self.context]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.context]),
