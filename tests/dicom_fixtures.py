@@ -114,6 +114,40 @@ def _measured(mask: np.ndarray, label: int, geometry: Geometry) -> LesionMeasure
     )
 
 
+#: Liver parenchyma median HU per phase (all four phases, although the study holds only PV).
+LIVER_MEDIAN_HU = {"native": 55.0, "arterial": 80.0, "portal_venous": 105.0, "delayed": 90.0}
+
+
+def characterise(lesion: LesionMeasurement) -> None:
+    """Fill the characterisation fields with known values.
+
+    Lesion 1 was seen in all four phases (plain scan included) and holds lipiodol; lesion 2
+    has no plain phase (no enhancement over it, no lipiodol measurement) and a behaviour in
+    the arterial phase only: the SR must omit what is missing.
+    """
+    vol = lesion.volume_ml
+    if lesion.label == 1:
+        lesion.mean_hu = {"native": 40.0, "arterial": 150.0, "portal_venous": 110.0,
+                          "delayed": 70.25}
+        lesion.sd_hu = {"native": 8.5, "arterial": 21.75, "portal_venous": 15.0, "delayed": 9.0}
+        lesion.enhancement_vs_native_hu = {"arterial": 110.0, "portal_venous": 70.0,
+                                           "delayed": 30.25}
+        lesion.lipiodol_volume_ml = 0.1 * vol
+        lesion.enhancing_volume_ml, lesion.necrotic_volume_ml = 0.7 * vol, 0.2 * vol
+        lesion.necrotic_fraction = 0.2
+        lesion.size_pattern = "homogeneous"
+        lesion.phase_behaviour = {"arterial": "hyper", "portal_venous": "iso", "delayed": "hypo"}
+    else:
+        lesion.mean_hu = {"arterial": 140.0, "portal_venous": 110.0}
+        lesion.sd_hu = {"arterial": 30.0, "portal_venous": 12.5}
+        lesion.enhancing_volume_ml, lesion.necrotic_volume_ml = 0.875 * vol, 0.125 * vol
+        lesion.necrotic_fraction = 0.125
+        lesion.size_pattern = "heterogeneous"
+        lesion.phase_behaviour = {"arterial": "hyper"}
+    lesion.enhancement_vs_liver_hu = {k: v - LIVER_MEDIAN_HU[k] for k, v in lesion.mean_hu.items()}
+    lesion.largest_diameter_3d_mm = 1.25 * lesion.longest_diameter_mm
+
+
 def make_case(n_lesions: int = 2, with_response: bool = True) -> tuple[Study, AnalysisResult]:
     """A synthetic portal-venous study and its analysis result with ``n_lesions`` lesions."""
     geometry = Geometry(ORIGIN, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), SPACING, SHAPE)
@@ -131,6 +165,8 @@ def make_case(n_lesions: int = 2, with_response: bool = True) -> tuple[Study, An
     study = Study(STUDY_UID, "LN-TEST-1", "Test^Liver", "20240301",
                   datasets[0].FrameOfReferenceUID, {Phase.PORTAL_VENOUS: volume})
     lesions = [_lesion(n + 1, labels, geometry) for n in range(n_lesions)]
+    for lesion in lesions:
+        characterise(lesion)
     kij = np.argwhere(liver).mean(axis=0)
     total = float(sum(les.volume_ml for les in lesions))
     response = None
@@ -153,5 +189,6 @@ def make_case(n_lesions: int = 2, with_response: bool = True) -> tuple[Study, An
         liver_centroid_xyz=_xyz(geometry, tuple(kij)),
         response=response,
         liver=_measured(liver, n_lesions + 1, geometry),
+        liver_median_hu=dict(LIVER_MEDIAN_HU),
     )
     return study, result

@@ -20,12 +20,13 @@ import pydicom
 import pytest
 from pydicom import config as pydicom_config
 
-from node.analysis.results import AnalysisResult
+from node.analysis.enhancement import SIZE_PATTERNS
+from node.analysis.results import AnalysisResult, LesionMeasurement
 from node.dicom import codes
 from node.dicom.seg import build_seg
 from node.dicom.sr import build_sr
-from node.dicom.sr_reader import read_prior
-from node.study.model import Study
+from node.dicom.sr_reader import read_findings, read_prior
+from node.study.model import Phase, Study
 from tests.dicom_fixtures import SPACING, make_case
 
 INPUT_KEY = "0123456789abcdef0123456789abcdef"
@@ -130,6 +131,26 @@ def test_dcmqi_tid1500reader_reads_sr(case: Case, tmp_path: Path) -> None:
     volumetric = [g for g in groups if "ReferencedSegment" in g]
     assert sorted(g["ReferencedSegment"] for g in volumetric) == list(range(1, case.n + 2))
     assert all(g["segmentationSOPInstanceUID"] == case.seg.SOPInstanceUID for g in volumetric)
+    # dcmqi keeps every value with its unit, derivation and phase modifier.
+    by_uid = {g["TrackingUniqueIdentifier"]: g for g in volumetric}
+    for lesion in case.result.lesions:
+        group = by_uid[lesion.tracking_uid]
+        got = {}
+        for m in group["measurementItems"]:
+            mods = {x["modifier"]["CodeValue"]: x["modifierValue"]["CodeValue"]
+                    for x in m.get("measurementModifiers", [])}
+            key = (m["quantity"]["CodeValue"], m.get("derivationModifier", {}).get("CodeValue"),
+                   mods.get(codes.CONTRAST_PHASE.value))
+            got[key] = (float(m["value"]), m["units"]["CodeValue"])
+        _assert_nums(got, _expected_nums(lesion))
+        qualitative = {q["conceptCode"]["CodeValue"]: q["conceptValue"]["CodeValue"]
+                       for q in group["qualitativeEvaluations"]
+                       if isinstance(q["conceptValue"], dict)}  # TEXT values are strings
+        assert qualitative[codes.SIZE_PATTERN.value] == (
+            codes.SIZE_PATTERN_CODES[str(lesion.size_pattern)].value)
+        for phase, behaviour in lesion.phase_behaviour.items():
+            assert qualitative[codes.PHASE_BEHAVIOUR[phase].value] == (
+                codes.BEHAVIOUR_CODES[behaviour].value)
 
 
 # --- highdicom read-back -------------------------------------------------------------------------
@@ -204,12 +225,32 @@ def test_every_volumetric_group_has_a_planar_partner(case: Case) -> None:
         assert roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         data = roi.value
         assert np.allclose(data[0], data[-1]), "closed outline"
-    values: dict[str, int] = {}
-    groups: list = [*planar, *volumetric]
-    for group in groups:
-        uid = str(group.tracking_uid)
-        values[uid] = values.get(uid, 0) + len(group.get_measurements())
-    assert all(v <= 5 for v in values.values()), values
+    for group in planar:  # the planar group keeps what it held before the characterisation
+        assert [m.name for m in group.get_measurements()] == [
+            codes.AREA, codes.LONG_AXIS, codes.SHORT_AXIS]
+
+
+def _ohif_labels(ds: pydicom.Dataset) -> dict[str, list[str]]:
+    """The NUM names OHIF lists per lesion: groups merged by Tracking UID in document order,
+    top-level NUMs only (OHIF 3.x cornerstone-dicom-sr getSopClassHandlerModule); its text
+    box shows the first 5 (DICOMSRDisplayTool._getTextBoxLinesFromLabels)."""
+    (container,) = [i for i in ds.ContentSequence
+                    if i.ConceptNameCodeSequence[0].CodeValue == codes.IMAGING_MEASUREMENTS.value]
+    merged: dict[str, list[str]] = {}
+    for group in container.ContentSequence:
+        items = list(group.ContentSequence)
+        (uid,) = [i.UID for i in items if i.ValueType == "UIDREF"]
+        merged.setdefault(str(uid), []).extend(
+            i.ConceptNameCodeSequence[0].CodeMeaning for i in items if i.ValueType == "NUM")
+    return merged
+
+
+def test_ohif_text_box_keeps_area_axes_volume_and_mean_hu(case: Case) -> None:
+    labels = _ohif_labels(pydicom.dcmread(case.sr_path))
+    assert len(labels) == case.n + 1
+    for names in labels.values():
+        assert names[:5] == ["Area", "Long axis", "Short axis", "Volume",
+                             "Attenuation Coefficient"]
 
 
 def test_response_and_disclaimer_in_sr(case: Case) -> None:
@@ -235,6 +276,181 @@ def test_baseline_sr_has_no_response(baseline: Case) -> None:
     text = str(ds)
     assert "Current Response" not in text and "Subject Time Point Identifier" in text
     assert "baseline" in text
+
+
+# --- lesion characterisation and per-patient values ----------------------------------------------
+
+_Key = tuple[str, "str | None", "str | None"]  # (concept, derivation, contrast phase) code values
+
+
+def _expected_nums(lesion: LesionMeasurement) -> dict[_Key, tuple[float, str]]:
+    """The NUM items a lesion's volumetric group must hold: exactly the known fields."""
+    hu, mean, sd = "[hnsf'U]", codes.MEAN.value, codes.STANDARD_DEVIATION.value
+    att = codes.ATTENUATION.value
+    out: dict[_Key, tuple[float, str]] = {
+        (codes.VOLUME.value, None, None): (lesion.volume_ml, "ml")}
+    scalars = [(codes.MAXIMUM_3D_DIAMETER, lesion.largest_diameter_3d_mm, 1.0, "mm"),
+               (codes.VIABLE_VOLUME, lesion.enhancing_volume_ml, 1.0, "ml"),
+               (codes.NECROTIC_VOLUME, lesion.necrotic_volume_ml, 1.0, "ml"),
+               (codes.NECROTIC_FRACTION, lesion.necrotic_fraction, 100.0, "%"),
+               (codes.LIPIODOL_VOLUME, lesion.lipiodol_volume_ml, 1.0, "ml")]
+    for concept, value, factor, unit in scalars:
+        if value is not None:
+            out[(concept.value, None, None)] = (value * factor, unit)
+    per_phase = [(att, mean, lesion.mean_hu), (att, sd, lesion.sd_hu),
+                 (codes.ENHANCEMENT_VS_NATIVE.value, None, lesion.enhancement_vs_native_hu),
+                 (codes.ENHANCEMENT_VS_LIVER.value, None, lesion.enhancement_vs_liver_hu)]
+    for name, derivation, values in per_phase:
+        for phase, value in values.items():
+            out[(name, derivation, codes.PHASE_CODES[phase].value)] = (value, hu)
+    return out
+
+
+def _assert_nums(got: dict[_Key, tuple[float, str]], want: dict[_Key, tuple[float, str]],
+                 tol: float = 0.006) -> None:
+    """Same keys and units; values equal to within the SR's rounding (HU: 0.01, else 1e-4)."""
+    assert got.keys() == want.keys()
+    assert {k: u for k, (_, u) in got.items()} == {k: u for k, (_, u) in want.items()}
+    assert {k: v for k, (v, _) in got.items()} == pytest.approx(
+        {k: v for k, (v, _) in want.items()}, abs=tol)
+
+
+def _volumetric_items(ds: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
+    """Top-level items of each volumetric group (the one with a Referenced Segment), by UID."""
+    (container,) = [i for i in ds.ContentSequence
+                    if i.ConceptNameCodeSequence[0].CodeValue == codes.IMAGING_MEASUREMENTS.value]
+    out = {}
+    for group in container.ContentSequence:
+        items = list(group.ContentSequence)
+        names = {i.ConceptNameCodeSequence[0].CodeValue for i in items}
+        if codes.REFERENCED_SEGMENT.value in names:
+            (uid,) = [i.UID for i in items if i.ValueType == "UIDREF"]
+            out[str(uid)] = items
+    return out
+
+
+def _nums(items: list[pydicom.Dataset]) -> dict[_Key, tuple[float, str]]:
+    """NUM items read with pydicom alone, keyed by (concept, derivation, contrast phase)."""
+    out = {}
+    for item in (i for i in items if i.ValueType == "NUM"):
+        mods = {m.ConceptNameCodeSequence[0].CodeValue: m.ConceptCodeSequence[0].CodeValue
+                for m in item.get("ContentSequence", []) if m.ValueType == "CODE"}
+        key = (item.ConceptNameCodeSequence[0].CodeValue, mods.get(codes.DERIVATION.value),
+               mods.get(codes.CONTRAST_PHASE.value))
+        assert key not in out, f"duplicate {key}"
+        mv = item.MeasuredValueSequence[0]
+        out[key] = (float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue))
+    return out
+
+
+def test_sr_holds_lesion_characterisation(case: Case) -> None:
+    """Every known value with its UCUM unit; lesion 2 (no plain phase) has no plain-scan item."""
+    groups = _volumetric_items(pydicom.dcmread(case.sr_path))
+    for lesion in case.result.lesions:
+        items = groups[lesion.tracking_uid]
+        _assert_nums(_nums(items), _expected_nums(lesion))
+        coded = {i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
+                 for i in items if i.ValueType == "CODE"}
+        assert coded[codes.SIZE_PATTERN.value] == (
+            codes.SIZE_PATTERN_CODES[str(lesion.size_pattern)].value)
+        behaviour = {phase: coded.get(c.value) for phase, c in codes.PHASE_BEHAVIOUR.items()}
+        assert behaviour == {phase: codes.BEHAVIOUR_CODES[b].value if b else None for phase, b in
+                             ((p, lesion.phase_behaviour.get(p)) for p in behaviour)}
+    if case.n == 2:
+        second = _nums(groups[case.result.lesions[1].tracking_uid])
+        assert not [k for k in second if k[2] == codes.PHASE_CODES["native"].value]
+        assert (codes.LIPIODOL_VOLUME.value, None, None) not in second
+
+
+def test_sr_holds_per_patient_values(case: Case) -> None:
+    liver_uid = str(case.seg.SegmentSequence[case.n].TrackingUID)
+    nums = _nums(_volumetric_items(pydicom.dcmread(case.sr_path))[liver_uid])
+    result = case.result
+    want: dict[_Key, tuple[float, str]] = {
+        (codes.TOTAL_TUMOUR_VOLUME.value, None, None): (result.total_volume_ml, "ml"),
+        (codes.TUMOUR_BURDEN.value, None, None): (float(result.tumour_burden_percent or 0), "%"),
+    }
+    for phase, value in result.liver_median_hu.items():
+        key = (codes.ATTENUATION.value, codes.MEDIAN.value, codes.PHASE_CODES[phase].value)
+        want[key] = (value, "[hnsf'U]")
+    _assert_nums({k: v for k, v in nums.items() if k in want}, want)
+
+
+def test_highdicom_parses_characterisation(case: Case) -> None:
+    units = {codes.UNIT_ML, codes.UNIT_MM, codes.UNIT_MM2, codes.UNIT_HU, codes.UNIT_PERCENT}
+    report = _report(case.sr_path)
+    by_uid = {str(g.tracking_uid): g for g in report.get_volumetric_roi_measurement_groups()}
+    for lesion in case.result.lesions:
+        group = by_uid[lesion.tracking_uid]
+        measurements = group.get_measurements()
+        assert len(measurements) == len(_expected_nums(lesion))
+        assert all(m.unit in units for m in measurements)
+        (diameter,) = group.get_measurements(name=codes.MAXIMUM_3D_DIAMETER)
+        assert diameter.value == pytest.approx(lesion.largest_diameter_3d_mm, abs=1e-4)
+        sds = [m for m in group.get_measurements(name=codes.ATTENUATION)
+               if m.derivation == codes.STANDARD_DEVIATION]
+        assert sorted(m.value for m in sds) == pytest.approx(sorted(lesion.sd_hu.values()))
+        (pattern,) = group.get_qualitative_evaluations(name=codes.SIZE_PATTERN)
+        assert pattern.value == codes.SIZE_PATTERN_CODES[str(lesion.size_pattern)]
+
+
+def test_read_findings_round_trip(case: Case) -> None:
+    found = read_findings(pydicom.dcmread(case.sr_path))
+    fields = ("volume_ml", "largest_diameter_3d_mm", "enhancing_volume_ml",
+              "necrotic_volume_ml", "necrotic_fraction", "lipiodol_volume_ml")
+    dicts = ("mean_hu", "sd_hu", "enhancement_vs_native_hu", "enhancement_vs_liver_hu")
+    for lesion in case.result.lesions:
+        got = found[lesion.tracking_uid]
+        assert (got.tracking_id, got.is_liver) == (lesion.tracking_id, False)
+        for name in fields:
+            want = getattr(lesion, name)
+            assert getattr(got, name) == (None if want is None
+                                          else pytest.approx(want, abs=1e-4)), name
+        for name in dicts:
+            assert getattr(got, name) == pytest.approx(getattr(lesion, name), abs=0.006), name
+        assert (got.size_pattern, got.phase_behaviour) == (lesion.size_pattern,
+                                                           lesion.phase_behaviour)
+    (liver,) = [f for f in found.values() if f.is_liver]
+    assert liver.volume_ml == pytest.approx(case.result.liver_volume_ml, abs=1e-4)
+    assert liver.median_hu == pytest.approx(case.result.liver_median_hu, abs=0.006)
+    assert liver.total_tumour_volume_ml == pytest.approx(case.result.total_volume_ml, abs=1e-4)
+    assert liver.tumour_burden_percent == pytest.approx(case.result.tumour_burden_percent,
+                                                        abs=1e-4)
+
+
+def test_missing_values_are_omitted(tmp_path: Path) -> None:
+    """An uncharacterised lesion, no liver medians: only Volume + reference mean HU remain."""
+    study, result = make_case(1, with_response=False)
+    lesion = result.lesions[0]
+    fresh = LesionMeasurement(**{f: getattr(lesion, f) for f in (
+        "label", "tracking_id", "tracking_uid", "volume_ml", "longest_diameter_mm",
+        "short_axis_mm", "key_slice", "long_axis_ij", "short_axis_ij", "outline_ij", "area_mm2",
+        "centroid_xyz")})
+    fresh.mean_hu = {"portal_venous": 110.0, "arterial": float("nan")}  # NaN: not measured
+    result.lesions[0], result.liver_median_hu = fresh, {}
+    seg = build_seg(study, result, input_key=INPUT_KEY)
+    sr = build_sr(study, result, seg, input_key=INPUT_KEY, time_point="baseline")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    items = _volumetric_items(ds)[fresh.tracking_uid]
+    _assert_nums(_nums(items), {
+        (codes.VOLUME.value, None, None): (fresh.volume_ml, "ml"),
+        (codes.ATTENUATION.value, codes.MEAN.value, codes.PHASE_CODES["portal_venous"].value):
+            (110.0, "[hnsf'U]")})
+    assert {i.ConceptNameCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE"} \
+        == {"276214006", codes.FINDING.value, "363698007"}  # category, finding, site only
+    got = read_findings(ds)[fresh.tracking_uid]
+    assert got.sd_hu == {} and got.size_pattern is None and got.necrotic_fraction is None
+    (liver,) = [f for f in read_findings(ds).values() if f.is_liver]
+    assert liver.median_hu == {} and liver.total_tumour_volume_ml is not None
+
+
+def test_every_analysis_value_has_a_code() -> None:
+    """The analysis' phases, size patterns and behaviours all map to a code."""
+    assert {p.value for p in Phase} == codes.PHASE_CODES.keys() == codes.PHASE_BEHAVIOUR.keys()
+    assert {p for _, p in SIZE_PATTERNS} == codes.SIZE_PATTERN_CODES.keys()
+    assert codes.BEHAVIOUR_CODES.keys() == {"hyper", "iso", "hypo"}
 
 
 # --- prior reader ---------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Standard codes come from DCM (PS3.16 Annex D), SNOMED CT (SCT), UCUM and UMLS, as used by
 TID 1500 and its sub-templates (PS3.16 TID 1500, 1501, 1410, 1411, 1502, 4108) and by the
 Segment Description macro (PS3.3 C.8.20.4). Where DICOM has no code (the volumetric 5-grade
-response rule of the source study, "minor response", and the report-level volume texts) the
-node uses its own private coding scheme :data:`PRIVATE_SCHEME`, whose designator starts with
+response rule of the source study, "minor response", the report-level volume texts, the contrast
+phases, enhancement differences, the viable / necrotic / lipiodol parts of a lesion, the
+source study's size pattern and phase behaviour, tumour burden) the node uses its own private
+coding scheme :data:`PRIVATE_SCHEME`, whose designator starts with
 "99" as PS3.16 8.2 reserves for local schemes, and which every SR declares in its Coding Scheme
 Identification Sequence (PS3.3 C.12.1.1.2). The private codes are documented in
 ``sr_templates/README.md``.
@@ -19,6 +21,7 @@ from pydicom.sr.codedict import codes
 
 from node import ALGORITHM_VERSION, MANUFACTURER
 from node.analysis.results import VolumetricResponse
+from node.study.model import Phase
 
 # --- Segment Description (PS3.3 C.8.20.4; CID 7150 / 7151 / 4) -------------------------------
 
@@ -55,7 +58,22 @@ LONG_AXIS = CodedConcept("103339001", "SCT", "Long axis")
 SHORT_AXIS = CodedConcept("103340004", "SCT", "Short axis")
 DIAMETER = CodedConcept("81827009", "SCT", "Diameter")
 ATTENUATION = CodedConcept("112031", "DCM", "Attenuation Coefficient")
+#: Derivations of Attenuation Coefficient (CID 7464 General ROI Measurement Modifiers).
 MEAN = CodedConcept("373098007", "SCT", "Mean")
+STANDARD_DEVIATION = CodedConcept("386136009", "SCT", "Standard Deviation")
+MEDIAN = CodedConcept("373099004", "SCT", "Median")
+#: Concept name of the Derivation modifier of a NUM (TID 300 row 3).
+DERIVATION = CodedConcept("121401", "DCM", "Derivation")
+#: Largest 3D diameter: the longest distance between two points of the lesion (IBSI L0JK,
+#: CID 7470 Linear Measurement; IBSI computes it on the ROI's mesh, the node on voxel centres).
+MAXIMUM_3D_DIAMETER = CodedConcept("L0JK", "IBSI", "Maximum 3D Diameter of a Mesh")
+#: Values of the size pattern (:data:`SIZE_PATTERN`), keyed by ``LesionMeasurement.size_pattern``:
+#: homogeneous (< 2 cm), heterogeneous (2-3 cm), necrotic (> 3 cm) enhancement (CID 6335/6343).
+SIZE_PATTERN_CODES: dict[str, CodedConcept] = {
+    "homogeneous": CodedConcept("112160", "DCM", "Homogeneous"),
+    "heterogeneous": CodedConcept("RID6060", "RADLEX", "Heterogeneous"),
+    "necrotic": CodedConcept("6574001", "SCT", "Necrosis"),
+}
 #: Concept names the reader looks for (TID 1500 structure, TID 4108, TID 1411 row 8).
 IMAGING_MEASUREMENTS = CodedConcept("126010", "DCM", "Imaging Measurements")
 MEASUREMENT_GROUP = CodedConcept("125007", "DCM", "Measurement Group")
@@ -82,6 +100,7 @@ UNIT_MM = CodedConcept("mm", "UCUM", "millimeter")
 UNIT_CM = CodedConcept("cm", "UCUM", "centimeter")
 UNIT_CM3 = CodedConcept("cm3", "UCUM", "cubic centimeter")
 UNIT_HU = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+UNIT_PERCENT = CodedConcept("%", "UCUM", "Percent")
 
 # --- Equipment ---------------------------------------------------------------------------------
 
@@ -121,6 +140,47 @@ NEW_LESIONS = _private("LN-NEWLES", "Number of new lesions")
 VANISHED_LESIONS = _private("LN-VANISHED", "Vanished lesions")
 LIVER_VOLUME_TEXT = _private("LN-LIVERVOL", "Liver volume")
 
+#: Contrast phase of a per-phase value: concept name of a HAS CONCEPT MOD CODE item under the
+#: NUM (or CODE) it qualifies; values keyed by ``Phase.value`` (the keys of the per-phase dicts
+#: of ``LesionMeasurement``). No DCM / SCT code for CT contrast phases was found.
+CONTRAST_PHASE = _private("LN-PHASE", "Contrast phase")
+PHASE_CODES: dict[str, CodedConcept] = {
+    Phase.NATIVE.value: _private("LN-PH-NATIVE", "Plain (non-contrast) phase"),
+    Phase.ARTERIAL.value: _private("LN-PH-ART", "Arterial phase"),
+    Phase.PORTAL_VENOUS.value: _private("LN-PH-PV", "Portal venous phase"),
+    Phase.DELAYED.value: _private("LN-PH-DEL", "Delayed phase"),
+    Phase.UNKNOWN.value: _private("LN-PH-UNK", "Contrast phase not determined"),
+}
+#: Per-phase HU differences (NUM, [hnsf'U], with a Contrast phase modifier).
+ENHANCEMENT_VS_NATIVE = _private("LN-ENH-NATIVE", "Enhancement relative to plain scan")
+ENHANCEMENT_VS_LIVER = _private("LN-ENH-LIVER", "Attenuation difference to liver")
+#: Parts of a lesion's volume (NUM, ml) and the necrotic share (NUM, %).
+VIABLE_VOLUME = _private("LN-VIABLEVOL", "Viable (enhancing) tumour volume")
+NECROTIC_VOLUME = _private("LN-NECROVOL", "Necrotic (non-enhancing) tumour volume")
+NECROTIC_FRACTION = _private("LN-NECROFRAC", "Necrotic fraction of tumour volume")
+LIPIODOL_VOLUME = _private("LN-LIPVOL", "Lipiodol deposit volume")
+#: Size pattern of the source study (CODE, value from :data:`SIZE_PATTERN_CODES`).
+SIZE_PATTERN = _private("LN-SIZEPAT", "Size pattern")
+#: Phase behaviour: the viable part's attenuation against the liver, one CODE item per phase.
+#: The phase is in the concept name (not a modifier) because dcmqi drops modifiers of CODE items.
+PHASE_BEHAVIOUR: dict[str, CodedConcept] = {
+    Phase.NATIVE.value: _private("LN-BEH-NATIVE", "Plain scan attenuation relative to liver"),
+    Phase.ARTERIAL.value: _private("LN-BEH-ART", "Arterial phase attenuation relative to liver"),
+    Phase.PORTAL_VENOUS.value: _private("LN-BEH-PV",
+                                        "Portal venous phase attenuation relative to liver"),
+    Phase.DELAYED.value: _private("LN-BEH-DEL", "Delayed phase attenuation relative to liver"),
+    Phase.UNKNOWN.value: _private("LN-BEH-UNK", "Attenuation relative to liver, phase unknown"),
+}
+#: Values of the phase behaviour, keyed by ``LesionMeasurement.phase_behaviour`` values.
+BEHAVIOUR_CODES: dict[str, CodedConcept] = {
+    "hyper": _private("LN-HYPER", "Hyperattenuating to liver"),
+    "iso": _private("LN-ISO", "Isoattenuating to liver"),
+    "hypo": _private("LN-HYPO", "Hypoattenuating to liver"),
+}
+#: Per patient, in the liver's volumetric group: all lesions together (NUM, ml / %).
+TOTAL_TUMOUR_VOLUME = _private("LN-TUMVOL", "Total liver tumour volume")
+TUMOUR_BURDEN = _private("LN-BURDEN", "Tumour burden (tumour / liver volume)")
+
 #: Every private concept, for documentation and tests.
 PRIVATE_CODES: tuple[CodedConcept, ...] = (
     VOLUMETRIC_RULE,
@@ -132,6 +192,19 @@ PRIVATE_CODES: tuple[CodedConcept, ...] = (
     NEW_LESIONS,
     VANISHED_LESIONS,
     LIVER_VOLUME_TEXT,
+    CONTRAST_PHASE,
+    *PHASE_CODES.values(),
+    ENHANCEMENT_VS_NATIVE,
+    ENHANCEMENT_VS_LIVER,
+    VIABLE_VOLUME,
+    NECROTIC_VOLUME,
+    NECROTIC_FRACTION,
+    LIPIODOL_VOLUME,
+    SIZE_PATTERN,
+    *PHASE_BEHAVIOUR.values(),
+    *BEHAVIOUR_CODES.values(),
+    TOTAL_TUMOUR_VOLUME,
+    TUMOUR_BURDEN,
 )
 
 

@@ -6,21 +6,29 @@ Tree (PS3.16 TID 1500; see ``sr_templates/README.md``)::
       Language, Observation Context (TID 1001: device observer = the algorithm)
       Procedure Reported = CT of abdomen
       Imaging Measurements
-        per lesion:  TID 1411 volumetric group  (Referenced Segment -> SEG, Volume [, mean HU])
-                     TID 1410 planar group      (2D closed POLYLINE on the key slice,
+        per lesion:  TID 1410 planar group      (2D closed POLYLINE on the key slice,
                                                  Area, Long axis, Short axis)
+                     TID 1411 volumetric group  (Referenced Segment -> SEG, Volume, mean HU of
+                                                 the reference phase, then the characterisation:
+                                                 3D diameter, viable / necrotic / lipiodol parts,
+                                                 per-phase HU, size pattern, phase behaviour)
                      both with the SAME Tracking Identifier + Tracking UID (TID 4108)
-        liver:       the same 1411 + 1410 pair, Tracking UID = the SEG liver segment's
+        liver:       the same 1410 + 1411 pair, Tracking UID = the SEG liver segment's; its
+                     volumetric group adds liver median HU per phase, total tumour volume and
+                     tumour burden
       Qualitative Evaluations (TID 1500 row 10): disclaimer + algorithm, liver volume,
                      response category (private code), prior/current volume, change (TEXT)
 
 Every volumetric group has a planar partner: OHIF merges groups by Tracking UID and crashes on
-a merged set without a 2D SCOORD (toolchain notes). Each lesion carries at most 5 values.
+a merged set without a 2D SCOORD (toolchain notes). OHIF's text box shows the first 5 NUMs of
+the merged set, in document order: the planar group comes first, so they stay Area, Long axis,
+Short axis, Volume and the reference phase's mean HU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import highdicom as hd
@@ -39,7 +47,7 @@ from node.analysis.results import AnalysisResult, LesionMeasurement
 from node.dicom import codes
 from node.dicom.seg import contributing_equipment, liver_tracking_uid
 from node.dicom.uids import derive_uid
-from node.study.model import Study, Volume
+from node.study.model import Phase, Study, Volume
 
 #: (Finding, Finding Category) of a lesion group and of the liver's groups.
 _LESION = (codes.FINDING_LESION, codes.FINDING_CATEGORY_LESION)
@@ -91,17 +99,104 @@ def _mm(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept) -> hd.
     return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit)
 
 
+def _known(value: float | None) -> bool:
+    """Whether a measured value is present (None and NaN are omitted from the report)."""
+    return value is not None and math.isfinite(value)
+
+
+def _phase_mod(item: Dataset, phase: str) -> None:
+    """Qualify a NUM content item with its contrast phase.
+
+    A HAS CONCEPT MOD CODE child, extending TID 300 (the Comprehensive 3D SR relationship
+    constraints, PS3.3 A.35.13, allow NUM -> CODE; dciodvfy and dcmqi accept it).
+    """
+    mod = CodeContentItem(codes.CONTRAST_PHASE, codes.PHASE_CODES[phase],
+                          RelationshipTypeValues.HAS_CONCEPT_MOD)
+    if "ContentSequence" in item:
+        item.ContentSequence.append(mod)
+    else:
+        item.ContentSequence = ContentSequence([mod])
+
+
+def _hu(name: hd.sr.CodedConcept, value: float, phase: str,
+        derivation: hd.sr.CodedConcept | None = None) -> hd.sr.Measurement:
+    """An HU value of one contrast phase (TID 300 + Derivation + phase modifier)."""
+    m = hd.sr.Measurement(name=name, value=round(float(value), 2), unit=codes.UNIT_HU,
+                          derivation=derivation)
+    _phase_mod(m[0], phase)
+    return m
+
+
+def _phases(*per_phase: Mapping[str, float | str]) -> list[str]:
+    """The coded phases present in any of the per-phase dicts, in protocol order."""
+    return [p.value for p in Phase if p.value in codes.PHASE_CODES
+            and any(p.value in d for d in per_phase)]
+
+
+def characterisation(lesion: LesionMeasurement, reference_phase: str) -> list[hd.sr.Measurement]:
+    """TID 300 measurements of a lesion after Volume: mean HU of the reference phase first.
+
+    Then the largest 3D diameter, the viable / necrotic / lipiodol volumes and the necrotic
+    share, and per phase the mean and SD attenuation, the enhancement over the plain scan and
+    the difference to the liver. Missing values (None, NaN, absent phase) are omitted.
+    """
+    out: list[hd.sr.Measurement] = []
+    ref_mean = lesion.mean_hu.get(reference_phase)
+    if _known(ref_mean) and reference_phase in codes.PHASE_CODES:
+        out.append(_hu(codes.ATTENUATION, lesion.mean_hu[reference_phase], reference_phase,
+                       codes.MEAN))
+    scalars = [
+        (codes.MAXIMUM_3D_DIAMETER, lesion.largest_diameter_3d_mm, 1.0, codes.UNIT_MM),
+        (codes.VIABLE_VOLUME, lesion.enhancing_volume_ml, 1.0, codes.UNIT_ML),
+        (codes.NECROTIC_VOLUME, lesion.necrotic_volume_ml, 1.0, codes.UNIT_ML),
+        (codes.NECROTIC_FRACTION, lesion.necrotic_fraction, 100.0, codes.UNIT_PERCENT),
+        (codes.LIPIODOL_VOLUME, lesion.lipiodol_volume_ml, 1.0, codes.UNIT_ML),
+    ]
+    out += [_mm(name, value * factor, unit) for name, value, factor, unit in scalars
+            if value is not None and _known(value)]
+    others = {k: v for k, v in lesion.mean_hu.items() if k != reference_phase}
+    per_phase = [
+        (codes.ATTENUATION, codes.MEAN, others),
+        (codes.ATTENUATION, codes.STANDARD_DEVIATION, lesion.sd_hu),
+        (codes.ENHANCEMENT_VS_NATIVE, None, lesion.enhancement_vs_native_hu),
+        (codes.ENHANCEMENT_VS_LIVER, None, lesion.enhancement_vs_liver_hu),
+    ]
+    for phase in _phases(*(values for _, _, values in per_phase)):
+        out += [_hu(name, values[phase], phase, derivation)
+                for name, derivation, values in per_phase if _known(values.get(phase))]
+    return out
+
+
+def qualitative(lesion: LesionMeasurement) -> list[hd.sr.QualitativeEvaluation]:
+    """Coded size pattern and per-phase behaviour of a lesion (TID 1411 qualitative evaluations).
+
+    The phase is part of the behaviour's concept name, not a modifier: dcmqi drops modifiers
+    of CODE items. Unknown strings are omitted like missing values.
+    """
+    out = []
+    if lesion.size_pattern in codes.SIZE_PATTERN_CODES:
+        out.append(hd.sr.QualitativeEvaluation(
+            codes.SIZE_PATTERN, codes.SIZE_PATTERN_CODES[lesion.size_pattern]))
+    for phase in _phases(lesion.phase_behaviour):
+        value = codes.BEHAVIOUR_CODES.get(lesion.phase_behaviour[phase])
+        if value is not None:
+            out.append(hd.sr.QualitativeEvaluation(codes.PHASE_BEHAVIOUR[phase], value))
+    return out
+
+
 def volumetric_group(
     lesion: LesionMeasurement,
     seg: hd.seg.Segmentation,
     reference: Volume,
     time_point: str,
     finding: tuple[hd.sr.CodedConcept, hd.sr.CodedConcept] | None = None,
+    extra: Sequence[hd.sr.Measurement] = (),
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group of one lesion: Referenced Segment -> its SEG segment, Volume in ml.
 
     The Referenced Segment's source images are the reference slices that hold the lesion
-    (PS3.16 TID 1411 row 8). The mean HU of the reference phase, if measured, is the 5th value.
+    (PS3.16 TID 1411 row 8). Volume comes first, then :func:`characterisation` (the mean HU
+    of the reference phase first), then ``extra``; :func:`qualitative` gives the CODE items.
     """
     slices = _segment_slices(seg, lesion.label, reference)
     segment = hd.sr.ReferencedSegment(
@@ -113,17 +208,8 @@ def volumetric_group(
             for k in slices
         ],
     )
-    measurements = [_mm(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML)]
-    mean_hu = lesion.mean_hu.get(reference.phase.value)
-    if mean_hu is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=codes.ATTENUATION,
-                value=round(float(mean_hu), 2),
-                unit=codes.UNIT_HU,
-                derivation=codes.MEAN,
-            )
-        )
+    measurements = [_mm(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML),
+                    *characterisation(lesion, reference.phase.value), *extra]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(lesion),
         referenced_segment=segment,
@@ -133,6 +219,7 @@ def volumetric_group(
         algorithm_id=_algorithm_id(),
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LIVER)],
         measurements=measurements,
+        qualitative_evaluations=qualitative(lesion) or None,
     )
 
 
@@ -199,12 +286,14 @@ def liver_groups(
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 ]:
-    """The liver as a TID 1411 group (-> SEG liver segment, Volume) + TID 1410 partner.
+    """The liver as a TID 1410 group + TID 1411 partner (-> SEG liver segment, Volume).
 
     Both carry the SEG liver segment's Tracking UID. A volumetric group without a planar
     partner crashes OHIF (toolchain notes), so the liver, like every lesion, gets its outline
     on its largest axial slice. It also makes the report valid with no lesion: TID 1500 needs
-    at least one group in highdicom 0.28.2.
+    at least one group in highdicom 0.28.2. The per-patient values sit in the liver's
+    volumetric group: the parenchyma's median HU per phase (the reference of the lesions'
+    "difference to liver"), the total tumour volume and the tumour burden.
     """
     if result.liver is None:
         raise ValueError("result.liver (the liver's planar measurement) is required")
@@ -215,10 +304,16 @@ def liver_groups(
         tracking_uid=liver_tracking_uid(study.study_instance_uid, input_key),
         volume_ml=result.liver_volume_ml,
     )
+    extra = [_hu(codes.ATTENUATION, result.liver_median_hu[p], p, codes.MEDIAN)
+             for p in _phases(result.liver_median_hu) if _known(result.liver_median_hu[p])]
+    extra.append(_mm(codes.TOTAL_TUMOUR_VOLUME, result.total_volume_ml, codes.UNIT_ML))
+    burden = result.tumour_burden_percent
+    if burden is not None and _known(burden):
+        extra.append(_mm(codes.TUMOUR_BURDEN, burden, codes.UNIT_PERCENT))
     reference = study.reference
     return [
-        volumetric_group(liver, seg, reference, time_point, _LIVER),
         planar_group(liver, reference, time_point, _LIVER),
+        volumetric_group(liver, seg, reference, time_point, _LIVER, extra),
     ]
 
 
@@ -300,8 +395,9 @@ def build_sr(
     reference = study.reference
     groups: list = []
     for lesion in sorted(result.lesions, key=lambda les: les.label):
-        groups.append(volumetric_group(lesion, seg, reference, time_point))
+        # Planar first: OHIF's text box shows the first 5 NUMs of the merged groups.
         groups.append(planar_group(lesion, reference, time_point))
+        groups.append(volumetric_group(lesion, seg, reference, time_point))
     groups += liver_groups(study, result, seg, input_key=input_key, time_point=time_point)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(),

@@ -7,6 +7,10 @@ whose Finding is not the liver. Centroids come from the SEG: the pixel centroid 
 mapped to patient coordinates with each frame's Plane Position / Orientation and Pixel
 Measures (PS3.3 C.7.6.16.2.3, C.7.6.2.1.1), matched to the lesion by the segment's Tracking UID
 or, failing that, by the group's Referenced Segment number.
+
+:func:`read_findings` reads back everything the node writes per lesion and for the liver
+(the characterisation of ``LesionMeasurement`` and the per-patient totals), for the node's own
+SRs: per-phase values are recognised by their Contrast phase modifier or phase-specific concept.
 """
 
 from __future__ import annotations
@@ -94,6 +98,129 @@ def _read_group(group: pydicom.Dataset, merged: dict[str, _Group]) -> None:
                 entry.long_axis_mm = value * _LENGTH_TO_MM[unit]
             elif _is(item, codes.DIAMETER) and unit in _LENGTH_TO_MM:
                 entry.extra["diameter_mm"] = value * _LENGTH_TO_MM[unit]
+
+
+@dataclass
+class ReportedFinding:
+    """What a node SR says about one tracked finding (a lesion, or the liver).
+
+    Keys of the per-phase dicts are ``Phase.value``; ``necrotic_fraction`` is 0..1 (the SR
+    holds %). The liver's finding also carries the per-patient values.
+    """
+
+    tracking_uid: str
+    tracking_id: str = ""
+    is_liver: bool = False
+    volume_ml: float | None = None
+    largest_diameter_3d_mm: float | None = None
+    mean_hu: dict[str, float] = field(default_factory=dict)
+    sd_hu: dict[str, float] = field(default_factory=dict)
+    median_hu: dict[str, float] = field(default_factory=dict)
+    enhancement_vs_native_hu: dict[str, float] = field(default_factory=dict)
+    enhancement_vs_liver_hu: dict[str, float] = field(default_factory=dict)
+    enhancing_volume_ml: float | None = None
+    necrotic_volume_ml: float | None = None
+    necrotic_fraction: float | None = None
+    lipiodol_volume_ml: float | None = None
+    size_pattern: str | None = None
+    phase_behaviour: dict[str, str] = field(default_factory=dict)
+    total_tumour_volume_ml: float | None = None
+    tumour_burden_percent: float | None = None
+
+
+def _key(concept: CodedConcept | pydicom.Dataset) -> tuple[str, str]:
+    if isinstance(concept, CodedConcept):
+        return concept.value, concept.scheme_designator
+    return str(concept.CodeValue), str(concept.CodingSchemeDesignator)
+
+
+#: Single-valued NUM concepts -> (attribute, unit table, factor after conversion).
+_SCALARS: dict[tuple[str, str], tuple[str, dict[str, float], float]] = {
+    _key(codes.VOLUME): ("volume_ml", _VOLUME_TO_ML, 1.0),
+    _key(codes.MAXIMUM_3D_DIAMETER): ("largest_diameter_3d_mm", _LENGTH_TO_MM, 1.0),
+    _key(codes.VIABLE_VOLUME): ("enhancing_volume_ml", _VOLUME_TO_ML, 1.0),
+    _key(codes.NECROTIC_VOLUME): ("necrotic_volume_ml", _VOLUME_TO_ML, 1.0),
+    _key(codes.NECROTIC_FRACTION): ("necrotic_fraction", {"%": 1.0}, 0.01),
+    _key(codes.LIPIODOL_VOLUME): ("lipiodol_volume_ml", _VOLUME_TO_ML, 1.0),
+    _key(codes.TOTAL_TUMOUR_VOLUME): ("total_tumour_volume_ml", _VOLUME_TO_ML, 1.0),
+    _key(codes.TUMOUR_BURDEN): ("tumour_burden_percent", {"%": 1.0}, 1.0),
+}
+#: Per-phase HU NUM concepts (name, derivation or None) -> dict attribute.
+_PER_PHASE: dict[tuple[tuple[str, str], tuple[str, str] | None], str] = {
+    (_key(codes.ATTENUATION), _key(codes.MEAN)): "mean_hu",
+    (_key(codes.ATTENUATION), _key(codes.STANDARD_DEVIATION)): "sd_hu",
+    (_key(codes.ATTENUATION), _key(codes.MEDIAN)): "median_hu",
+    (_key(codes.ENHANCEMENT_VS_NATIVE), None): "enhancement_vs_native_hu",
+    (_key(codes.ENHANCEMENT_VS_LIVER), None): "enhancement_vs_liver_hu",
+}
+_PHASES = {_key(c): phase for phase, c in codes.PHASE_CODES.items()}
+_BEHAVIOUR_PHASES = {_key(c): phase for phase, c in codes.PHASE_BEHAVIOUR.items()}
+_BEHAVIOURS = {_key(c): name for name, c in codes.BEHAVIOUR_CODES.items()}
+_SIZE_PATTERNS = {_key(c): name for name, c in codes.SIZE_PATTERN_CODES.items()}
+
+
+def _modifier(item: pydicom.Dataset, concept: CodedConcept) -> tuple[str, str] | None:
+    """The coded value of a HAS CONCEPT MOD child named ``concept``, or None."""
+    for child in _children(item):
+        if child.ValueType == "CODE" and _is(child, concept):
+            return _key(child.ConceptCodeSequence[0])
+    return None
+
+
+def _fold_num(entry: ReportedFinding, item: pydicom.Dataset) -> None:
+    value, unit = _num(item)
+    name = _key(item.ConceptNameCodeSequence[0])
+    if name in _SCALARS:
+        attr, units, factor = _SCALARS[name]
+        if unit in units and getattr(entry, attr) is None:  # the first one counts
+            setattr(entry, attr, value * units[unit] * factor)
+        return
+    phase = _PHASES.get(_modifier(item, codes.CONTRAST_PHASE) or ("", ""))
+    attr_name = _PER_PHASE.get((name, _modifier(item, codes.DERIVATION)))
+    if attr_name is not None and phase is not None and unit == codes.UNIT_HU.value:
+        getattr(entry, attr_name).setdefault(phase, value)
+
+
+def _fold_code(entry: ReportedFinding, item: pydicom.Dataset) -> None:
+    name, value = _key(item.ConceptNameCodeSequence[0]), _key(item.ConceptCodeSequence[0])
+    if name == _key(codes.FINDING):
+        entry.is_liver |= value == _key(codes.LIVER)
+    elif name == _key(codes.SIZE_PATTERN) and value in _SIZE_PATTERNS:
+        entry.size_pattern = _SIZE_PATTERNS[value]
+    elif name in _BEHAVIOUR_PHASES and value in _BEHAVIOURS:
+        entry.phase_behaviour[_BEHAVIOUR_PHASES[name]] = _BEHAVIOURS[value]
+
+
+def read_findings(sr: pydicom.Dataset) -> dict[str, ReportedFinding]:
+    """Everything a node TID 1500 SR reports per tracked finding, keyed by Tracking UID.
+
+    Groups sharing a Tracking UID (the planar and volumetric group of a lesion) are merged,
+    in document order; values the SR does not hold stay None / absent. Unknown concepts are
+    ignored, so any TID 1500 SR can be read (its Volumes and standard HU values included).
+
+    Raises
+    ------
+    ValueError
+        If ``sr`` is not a TID 1500 Measurement Report.
+    """
+    template = getattr(sr, "ContentTemplateSequence", None)
+    if not template or str(template[0].TemplateIdentifier) != "1500":
+        raise ValueError("sr is not a TID 1500 Measurement Report")
+    found: dict[str, ReportedFinding] = {}
+    for group in _measurement_groups(sr):
+        items = _children(group)
+        uid = next((str(i.UID) for i in items if _is(i, codes.TRACKING_UID)), None)
+        if uid is None:
+            continue
+        entry = found.setdefault(uid, ReportedFinding(tracking_uid=uid))
+        for item in items:
+            if _is(item, codes.TRACKING_IDENTIFIER) and not entry.tracking_id:
+                entry.tracking_id = str(item.TextValue)
+            elif item.ValueType == "NUM" and getattr(item, "MeasuredValueSequence", None):
+                _fold_num(entry, item)
+            elif item.ValueType == "CODE" and getattr(item, "ConceptCodeSequence", None):
+                _fold_code(entry, item)
+    return found
 
 
 def _frame_attr(frame: pydicom.Dataset, shared: pydicom.Dataset, name: str) -> pydicom.Dataset:
