@@ -5,7 +5,8 @@ Sends the same study of N CT images (512 x 512 int16, default 300) with DCMTK's 
 
 1. DCMTK storescp writing to disk (the reference),
 2. a pynetdicom SCP whose handler stores nothing (the ceiling of any pynetdicom listener),
-3. the node (``python -m node.ingest.standalone``: the real listener with its durable spool,
+3. the node with ``sync_writes = false`` (no fsync: what the durability costs),
+4. the node (``python -m node.ingest.standalone``: the real listener with its durable spool,
    without the analysis),
 
 on one association, then to the node on 4 concurrent associations, then checks the node's
@@ -131,11 +132,12 @@ def pynetdicom_floor(paths: list[Path]) -> float:
         server.shutdown()
 
 
-def start_node(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_node(work: Path, sync: bool = True) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     config = work / "node.toml"
-    config.write_text(f'port = {port}\nspool_dir = "{work / "spool"}"\nstable_seconds = 3600\n'
-                      "max_associations = 8\n")
+    spool = work / ("spool" if sync else "spool-nosync")
+    config.write_text(f'port = {port}\nspool_dir = "{spool}"\nstable_seconds = 3600\n'
+                      f"max_associations = 8\nsync_writes = {str(sync).lower()}\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.ingest.standalone", "--config", str(config),
          "--marker", str(work / "marker.txt")],
@@ -167,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             scp.terminate()
             scp.wait(10)
         t_floor = pynetdicom_floor(paths)
+        node, port = start_node(work, sync=False)
+        try:
+            t_nosync = send(paths, port, "LIVERNODE")
+        finally:
+            node.terminate()
+            node.wait(30)
         node, port = start_node(work)
         try:
             t_node = send(paths, port, "LIVERNODE")
@@ -188,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DCMTK storescp, 1 association : {scp_rate:7.1f} inst/s ({t_scp:.2f} s)")
     print(f"pynetdicom no-op SCP (ceiling): {n / t_floor:7.1f} inst/s ({t_floor:.2f} s, "
           f"{t_scp / t_floor:.2f} x storescp)")
+    print(f"node, sync_writes=false       : {n / t_nosync:7.1f} inst/s ({t_nosync:.2f} s, "
+          f"{t_scp / t_nosync:.2f} x storescp; not power-loss safe)")
     print(f"node, 1 association           : {node_rate:7.1f} inst/s ({t_node:.2f} s)")
     print(f"node, 4 associations (total)  : {node4_rate:7.1f} inst/s ({t_node4:.2f} s)")
     print(f"ratio node/storescp           : {ratio:.2f}  (bar >= 0.5: "

@@ -80,6 +80,10 @@ class Settings:
         free space than this.
     max_associations:
         Concurrent associations accepted; more are rejected (PS3.8 7.1.1.9, local limit).
+    sync_writes:
+        fsync each instance before answering Success (default). False: faster, and a crash of
+        the node still loses nothing, but a power loss may lose the last acknowledged
+        instances (Orthanc's ``SyncStorageArea: false``); only on battery-backed storage.
     max_associations_per_host:
         Concurrent connections one host may hold (0: no limit); more are shut at once, so
         one peer (or a stalled or hostile one) cannot take every slot.
@@ -113,6 +117,7 @@ class Settings:
     min_free_bytes: int = 256 * 1024 * 1024
     max_associations: int = 16
     max_associations_per_host: int = 8
+    sync_writes: bool = True
     max_pdu_bytes: int = 262144
     max_instance_bytes: int = 2 * 1024 * 1024 * 1024
     network_timeout: float = 60.0
@@ -133,6 +138,7 @@ class Settings:
             f"workers={self.workers} min_free_bytes={self.min_free_bytes} "
             f"max_associations={self.max_associations} "
             f"max_associations_per_host={self.max_associations_per_host} "
+            f"sync_writes={self.sync_writes} "
             f"max_pdu_bytes={self.max_pdu_bytes} "
             f"max_instance_bytes={self.max_instance_bytes} metrics_port={self.metrics_port} "
             f"tls={'on' if self.tls_cert else 'off'} "

@@ -129,3 +129,23 @@ def test_cli_helpers_refuse_a_missing_index(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="no spool index"):
         request_analysis(tmp_path, "1.2.3")
     assert not (tmp_path / INDEX_NAME).exists()  # nothing created as a side effect
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_writes_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
+    """sync=True fsyncs file and directory before indexing; sync=False (Orthanc's
+    SyncStorageArea: false) skips both and stores the same bytes."""
+    import os
+
+    calls: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("file") or real_fdatasync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("dir") or real_fsync(fd))
+    spool = Spool(tmp_path / "spool", sync=sync)
+    ds = make_ct_series(n=1)[0]
+    path = _store(spool, ds)
+    assert ("file" in calls) is sync and ("dir" in calls) is sync
+    from pydicom import dcmread
+
+    assert dcmread(path).PixelData == ds.PixelData
+    spool.close()

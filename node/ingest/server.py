@@ -135,7 +135,7 @@ class NodeServer:
 
     def __init__(self, settings: Settings, on_study_complete: StudyCallback) -> None:
         self.settings = settings
-        self.spool = Spool(settings.spool_dir)
+        self.spool = Spool(settings.spool_dir, sync=settings.sync_writes)
         self.associations = AssociationLog()
         self.metrics = Metrics()
         self.context = IngestContext(

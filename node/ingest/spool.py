@@ -83,10 +83,17 @@ def _make_dirs_durable(path: Path, root: Path) -> None:
         _fsync_dir(created.parent)
 
 
-def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path) -> None:
+def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path,
+                  sync: bool = True) -> None:
     """Write ``data`` (bytes, or parts written one after the other, never joined in memory)
-    to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    _make_dirs_durable(path.parent, root)
+    to ``path`` atomically and durably (temp file, fsync, rename, fsync dir).
+
+    ``sync=False`` skips the two fsyncs: still atomic, but after a power loss (not after a
+    crash of the process) the file may be missing or hold zeros."""
+    if sync:
+        _make_dirs_durable(path.parent, root)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
@@ -94,15 +101,16 @@ def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path) -> None
                 view = memoryview(part)
                 while view:  # unbuffered: no copy through a Python buffer
                     view = view[os.write(fd, view):]
-            # fdatasync also flushes the size, all that reading the data back needs (POSIX).
-            os.fdatasync(fd)
+            if sync:  # fdatasync also flushes the size, all reading the data back needs (POSIX)
+                os.fdatasync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
 
 
 class Spool:
@@ -114,10 +122,15 @@ class Spool:
         The spool directory; created if missing.
     index:
         The index to use (default: :class:`SQLiteIndex` in ``<root>/index.sqlite3``).
+    sync:
+        fsync every instance before it is indexed and acknowledged (the default). False trades
+        power-loss safety for speed, like Orthanc's ``SyncStorageArea: false``: a crash of the
+        node still loses nothing, a power loss may lose or zero the last instances received.
     """
 
-    def __init__(self, root: Path, index: SpoolIndex | None = None) -> None:
+    def __init__(self, root: Path, index: SpoolIndex | None = None, sync: bool = True) -> None:
         self.root = Path(root).resolve()
+        self.sync = sync
         self.studies_dir = self.root / "studies"
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.index: SpoolIndex = index or SQLiteIndex(self.root / INDEX_NAME)
@@ -214,7 +227,7 @@ class Spool:
         old = self.index.instance(sop_instance_uid)
         if old is not None and old.sha256 == digest and old.path == path and path.exists():
             return StoreOutcome.DUPLICATE
-        write_durably(path, parts, self.studies_dir)
+        write_durably(path, parts, self.studies_dir, sync=self.sync)
         record = InstanceRecord(sop_instance_uid, study_instance_uid, series_instance_uid,
                                 sop_class_uid, path, size, digest, time.time())
         self.index.add(record, calling_aet)
