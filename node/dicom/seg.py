@@ -123,6 +123,26 @@ def segment_stack(result: AnalysisResult) -> np.ndarray:
     return stack
 
 
+def source_slices(study: Study) -> list[int]:
+    """Slice indices of the reference grid to write, one per distinct source image.
+
+    Normally every slice (``0..n-1``). Where assembly filled missing slices by interpolation,
+    several grid slices share the nearest source image; a SEG frame must sit on its source
+    image's plane, so per source image only the grid slice nearest its position is written.
+    """
+    ref = study.reference
+    uids = [str(ds.SOPInstanceUID) for ds in ref.datasets]
+    if len(set(uids)) == len(uids):
+        return list(range(len(uids)))
+    best: dict[str, tuple[float, int]] = {}
+    for k, ds in enumerate(ref.datasets):
+        position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        distance = abs(float(ref.geometry.patient_to_index(position)[0, 0]) - k)
+        if uids[k] not in best or distance < best[uids[k]][0]:
+            best[uids[k]] = (distance, k)
+    return sorted(k for _, k in best.values())
+
+
 def build_seg(
     study: Study,
     result: AnalysisResult,
@@ -135,7 +155,8 @@ def build_seg(
     Parameters
     ----------
     study:
-        The analysed study; ``study.reference.datasets`` are the source images, in slice order.
+        The analysed study; ``study.reference.datasets`` are the source images, in slice order
+        (interpolated slices are left out: :func:`source_slices`).
     result:
         The analysis result on the reference grid; lesion ``k`` has label ``k``.
     input_key:
@@ -156,9 +177,10 @@ def build_seg(
     """
     _check_inputs(study, result)
     series_uid, sop_uid = seg_uids(study.study_instance_uid, input_key)
+    slices = source_slices(study)
     return hd.seg.Segmentation(
-        source_images=list(study.reference.datasets),
-        pixel_array=segment_stack(result),
+        source_images=[study.reference.datasets[k] for k in slices],
+        pixel_array=segment_stack(result)[slices],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(
             result, liver_tracking_uid(study.study_instance_uid, input_key)
