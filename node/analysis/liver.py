@@ -8,12 +8,14 @@
    grown back inside the window (geodesic reconstruction).
 4. Holes (vessels, lesions) are filled in 3D and per slice, and a per-slice closing takes in
    notches at the edge (peripheral lesions) without bridging to other organs.
-All sizes are in mm and converted with the voxel spacing, so any matrix size works.
+All sizes are in mm and converted with the voxel spacing, so any matrix size works. Thin
+slices (e.g. 1.25 mm) are averaged into slabs of about ``slab_mm`` first: the liver needs no
+finer sampling through the slices, and the per-slice steps then cost what they cost at 2.5 mm.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +36,7 @@ PARAMS: dict[str, float] = {
     "regrow_mm": 9.0,  # how far the eroded seed may grow back
     "close_mm": 8.0,  # per-slice closing: notches at the edge (peripheral lesions)
     "min_liver_ml": 50.0,
+    "slab_mm": 2.5,  # thinner slices are segmented as slabs about this thick
     "blood_art_hu": 50.0,  # arterial blood pool: this much brighter than the liver (HU)
     "border_rings": 2,  # surface refinement: at most this many one-voxel shells...
     "border_outside_mm": 4.0,  # ...at half-way to the darkest tissue within this distance
@@ -100,6 +103,9 @@ def segment_liver(array: np.ndarray, geometry: Geometry,
     ValueError
         If no liver-like region is found.
     """
+    m = slab_factor(geometry)
+    if m > 1:
+        return _segment_in_slabs(array, geometry, exclude, m)
     sm = smooth_inplane(array, geometry, PARAMS["smooth_mm"])
     body = body_mask(sm)
     region = _histogram_region(body, geometry)
@@ -118,6 +124,39 @@ def segment_liver(array: np.ndarray, geometry: Geometry,
     med, sd = robust_stats(sm[mask & window])
     envelope = refine_border(mask, sm, body, geometry, med, med + half)
     return LiverSegmentation(mask=mask, median_hu=med, sd_hu=max(sd, 1.0), envelope=envelope)
+
+
+def slab_factor(geometry: Geometry) -> int:
+    """How many slices make one slab of about ``slab_mm`` (1: slices are thick enough)."""
+    return max(1, int(PARAMS["slab_mm"] / geometry.spacing[0] + 1e-6))
+
+
+def _segment_in_slabs(array: np.ndarray, geometry: Geometry, exclude: np.ndarray | None,
+                      m: int) -> LiverSegmentation:
+    """Segment the mean of every ``m`` slices, then give each slice its slab's masks."""
+    n = array.shape[0]
+    pad = (-n) % m
+
+    def slabs(a: np.ndarray) -> np.ndarray:
+        if pad:
+            a = np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+        return a.reshape(-1, m, *a.shape[1:])
+
+    coarse = slabs(array).mean(axis=1, dtype=np.float32)
+    dz = geometry.spacing[0]
+    centre = np.asarray(geometry.origin) + np.asarray(geometry.slice_normal) * dz * (m - 1) / 2
+    origin = (float(centre[0]), float(centre[1]), float(centre[2]))
+    coarse_geometry = replace(geometry, origin=origin,
+                              spacing=(dz * m, *geometry.spacing[1:]),
+                              shape=(coarse.shape[0], *geometry.shape[1:]))
+    coarse_exclude = None if exclude is None else np.asarray(slabs(exclude).any(axis=1))
+    seg = segment_liver(coarse, coarse_geometry, coarse_exclude)
+
+    def expand(mask: np.ndarray) -> np.ndarray:
+        return np.repeat(mask, m, axis=0)[:n]
+
+    envelope = None if seg.envelope is None else expand(seg.envelope)
+    return replace(seg, mask=expand(seg.mask), envelope=envelope)
 
 
 def blood_pool(arterial: np.ndarray, liver: np.ndarray, geometry: Geometry) -> np.ndarray:
