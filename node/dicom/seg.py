@@ -5,12 +5,20 @@ segment ``n + 1`` is the liver, so a SEG exists even when no lesion was found. T
 BINARY (PS3.3 C.8.20.2), references every source image of the reference volume
 (ReferencedSeriesSequence and per-frame Derivation Image / Source Image Sequence, which viewers
 such as OHIF need) and omits empty frames.
+
+A source image is identified by (SOP Instance UID, frame number): the frames of an Enhanced
+CT image (:func:`node.study.enhanced.split_frames`) share one SOP instance, and the SEG then
+derives from that single multi-frame image, each frame referencing its source frame by
+Referenced Frame Number (PS3.3 C.7.6.16.2.6).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 
 from node import ALGORITHM_NAME, ALGORITHM_VERSION, MANUFACTURER, RESEARCH_DISCLAIMER
 from node.analysis.results import AnalysisResult
@@ -123,24 +131,85 @@ def segment_stack(result: AnalysisResult) -> np.ndarray:
     return stack
 
 
+def frame_number(ds: Dataset) -> int | None:
+    """1-based frame of the multi-frame image a reference slice comes from; None if single-frame."""
+    number = getattr(ds, "source_frame_number", None)
+    return None if number is None else int(number)
+
+
+def source_key(ds: Dataset) -> tuple[str, int | None]:
+    """(SOP Instance UID, frame number) identifying the source image of a reference slice."""
+    return str(ds.SOPInstanceUID), frame_number(ds)
+
+
+def source_image(ds: Dataset) -> Dataset:
+    """The instance a reference slice comes from: itself, or the header of its multi-frame.
+
+    Raises
+    ------
+    ValueError
+        If ``ds`` is a frame of a multi-frame image without the multi-frame's header.
+    """
+    if frame_number(ds) is None:
+        return ds
+    header: Dataset | None = getattr(ds, "source_dataset", None)
+    if header is None:
+        raise ValueError(f"frame {frame_number(ds)} of {ds.SOPInstanceUID} lacks its "
+                         "multi-frame image (source_dataset, set by split_frames)")
+    return header
+
+
 def source_slices(study: Study) -> list[int]:
     """Slice indices of the reference grid to write, one per distinct source image.
 
     Normally every slice (``0..n-1``). Where assembly filled missing slices by interpolation,
-    several grid slices share the nearest source image; a SEG frame must sit on its source
-    image's plane, so per source image only the grid slice nearest its position is written.
+    several grid slices share the nearest source image (:func:`source_key`); a SEG frame must
+    sit on its source image's plane, so per source image only the grid slice nearest its
+    position is written.
     """
     ref = study.reference
-    uids = [str(ds.SOPInstanceUID) for ds in ref.datasets]
-    if len(set(uids)) == len(uids):
-        return list(range(len(uids)))
-    best: dict[str, tuple[float, int]] = {}
+    keys = [source_key(ds) for ds in ref.datasets]
+    if len(set(keys)) == len(keys):
+        return list(range(len(keys)))
+    best: dict[tuple[str, int | None], tuple[float, int]] = {}
     for k, ds in enumerate(ref.datasets):
         position = np.asarray(ds.ImagePositionPatient, dtype=float)
         distance = abs(float(ref.geometry.patient_to_index(position)[0, 0]) - k)
-        if uids[k] not in best or distance < best[uids[k]][0]:
-            best[uids[k]] = (distance, k)
+        if keys[k] not in best or distance < best[keys[k]][0]:
+            best[keys[k]] = (distance, k)
     return sorted(k for _, k in best.values())
+
+
+def _source_arguments(slices: list[Dataset]) -> dict[str, Any]:
+    """highdicom's source arguments for the reference slices written, in grid order.
+
+    Single-frame images are passed as they are (frame ``i`` lies on ``source_images[i]``).
+    Frames of one Enhanced CT image are passed as that single multi-frame image, which
+    highdicom requires, with each SEG frame's plane position: highdicom matches it to the
+    source frame on that plane and references it by frame number, so grid order need not be
+    frame order, and frames no grid slice was written for are simply not referenced.
+
+    Raises
+    ------
+    ValueError
+        If the slices mix images, or come from several multi-frame images (highdicom 0.28
+        derives a SEG from one multi-frame image at most).
+    """
+    frames = [frame_number(ds) for ds in slices]
+    if all(f is None for f in frames):
+        return {"source_images": slices}
+    uids = {str(ds.SOPInstanceUID) for ds in slices}
+    if any(f is None for f in frames) or len(uids) != 1:
+        raise ValueError("study.reference.datasets must be single-frame images or the frames "
+                         f"of one multi-frame image, got frames of {len(uids)} instance(s)")
+    return {
+        "source_images": [source_image(slices[0])],
+        "plane_positions": [
+            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                     [float(v) for v in ds.ImagePositionPatient])
+            for ds in slices
+        ],
+    }
 
 
 def build_seg(
@@ -156,7 +225,8 @@ def build_seg(
     ----------
     study:
         The analysed study; ``study.reference.datasets`` are the source images, in slice order
-        (interpolated slices are left out: :func:`source_slices`).
+        (interpolated slices are left out: :func:`source_slices`): single-frame images, or the
+        frames of one Enhanced CT image (:func:`_source_arguments`).
     result:
         The analysis result on the reference grid; lesion ``k`` has label ``k``.
     input_key:
@@ -173,13 +243,14 @@ def build_seg(
     Raises
     ------
     ValueError
-        If the masks do not match the reference grid or the lesion labels are not 1..n.
+        If the masks do not match the reference grid, the lesion labels are not 1..n or the
+        source images mix instances (:func:`_source_arguments`).
     """
     _check_inputs(study, result)
     series_uid, sop_uid = seg_uids(study.study_instance_uid, input_key)
     slices = source_slices(study)
-    return hd.seg.Segmentation(
-        source_images=[study.reference.datasets[k] for k in slices],
+    seg = hd.seg.Segmentation(
+        **_source_arguments([study.reference.datasets[k] for k in slices]),
         pixel_array=segment_stack(result)[slices],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(
@@ -200,3 +271,9 @@ def build_seg(
         omit_empty_frames=True,
         contributing_equipment=[contributing_equipment()],
     )
+    # highdicom draws a random Dimension Organization UID: derive it, so the same inputs give
+    # the same object (retries and re-runs never differ in any UID).
+    dimension_uid = derive_uid(study.study_instance_uid, "seg", "dimensions", input_key)
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = dimension_uid
+    return seg

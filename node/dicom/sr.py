@@ -45,7 +45,13 @@ from pydicom.dataset import Dataset
 from node import ALGORITHM_NAME, ALGORITHM_VERSION, MANUFACTURER, RESEARCH_DISCLAIMER
 from node.analysis.results import AnalysisResult, LesionMeasurement
 from node.dicom import codes
-from node.dicom.seg import contributing_equipment, liver_tracking_uid
+from node.dicom.seg import (
+    contributing_equipment,
+    frame_number,
+    liver_tracking_uid,
+    source_image,
+    source_key,
+)
 from node.dicom.uids import derive_uid
 from node.study.model import Phase, Study, Volume
 
@@ -204,8 +210,8 @@ def volumetric_group(
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=lesion.label,
         source_images=[
-            hd.sr.SourceImageForSegmentation.from_source_image(reference.datasets[k])
-            for k in slices
+            hd.sr.SourceImageForSegmentation.from_source_image(image, frames)
+            for image, frames in _images([reference.datasets[k] for k in slices])
         ],
     )
     measurements = [_mm(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML),
@@ -223,11 +229,39 @@ def volumetric_group(
     )
 
 
+def _images(datasets: Sequence[Dataset]) -> list[tuple[Dataset, list[int] | None]]:
+    """The distinct instances of some reference slices, each with its frame numbers.
+
+    A single-frame image stands for itself, without frame numbers; frames of a multi-frame
+    image become one reference to that image listing its Referenced Frame Numbers
+    (Image Reference Macro, PS3.3 C.18: the frames of a multi-frame image are listed by number).
+    """
+    out: list[tuple[Dataset, list[int] | None]] = []
+    frames: dict[str, list[int]] = {}
+    for ds in datasets:
+        number = frame_number(ds)
+        if number is None:
+            out.append((ds, None))
+            continue
+        uid = str(ds.SOPInstanceUID)
+        if uid not in frames:
+            frames[uid] = []
+            out.append((source_image(ds), frames[uid]))
+        frames[uid].append(number)
+    for numbers in frames.values():
+        numbers.sort()
+    return out
+
+
 def _segment_slices(
     seg: hd.seg.Segmentation, segment_number: int, reference: Volume
 ) -> list[int]:
-    """Sorted slice indices of the reference volume whose SEG frames hold ``segment_number``."""
-    sop_to_index = {ds.SOPInstanceUID: k for k, ds in enumerate(reference.datasets)}
+    """Sorted slice indices of the reference volume whose SEG frames hold ``segment_number``.
+
+    A SEG frame's source is (Referenced SOP Instance UID, Referenced Frame Number), the
+    frame number present only for a multi-frame source image (:func:`source_key`).
+    """
+    key_to_index = {source_key(ds): k for k, ds in enumerate(reference.datasets)}
     shared = seg.SharedFunctionalGroupsSequence[0]
     slices = []
     for frame in seg.PerFrameFunctionalGroupsSequence:
@@ -236,7 +270,10 @@ def _segment_slices(
             continue
         for derivation in frame.DerivationImageSequence:
             for source in derivation.SourceImageSequence:
-                slices.append(sop_to_index[source.ReferencedSOPInstanceUID])
+                number = source.get("ReferencedFrameNumber")
+                key = (str(source.ReferencedSOPInstanceUID),
+                       None if number is None else int(number))
+                slices.append(key_to_index[key])
     if not slices:
         raise ValueError(f"segment {segment_number} has no frames in the SEG")
     return sorted(set(slices))
@@ -251,17 +288,18 @@ def planar_group(
     """TID 1410 group of one lesion: closed 2D POLYLINE on the key slice, Area and axes.
 
     ``outline_ij`` is (column, row) image coordinates as a 2D SCOORD holds them (PS3.3
-    C.18.6.1.1); its first point equals its last (closed POLYLINE, PS3.3 C.18.6.1.2).
+    C.18.6.1.1); its first point equals its last (closed POLYLINE, PS3.3 C.18.6.1.2). The
+    SCOORD is SELECTED FROM the key slice's image, with its Referenced Frame Number when that
+    is a frame of a multi-frame image.
     """
     outline = np.asarray(lesion.outline_ij, dtype=float)
     if outline.ndim != 2 or outline.shape[0] < 4 or not np.allclose(outline[0], outline[-1]):
         raise ValueError(f"{lesion.tracking_id}: outline_ij must be a closed polyline")
+    [(image, frames)] = _images([reference.datasets[lesion.key_slice]])
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=outline,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(
-            reference.datasets[lesion.key_slice]
-        ),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(image, frames),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(lesion),
@@ -408,7 +446,8 @@ def build_sr(
     report[0].ContentSequence.append(qualitative_evaluations(result))
     series_uid, sop_uid = sr_uids(study.study_instance_uid, input_key)
     return hd.sr.Comprehensive3DSR(
-        evidence=[*reference.datasets, seg],
+        # a multi-frame image's header, not its frames: the evidence lists instances
+        evidence=[*(source_image(ds) for ds in reference.datasets), seg],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=series_number,

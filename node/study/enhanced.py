@@ -9,6 +9,7 @@ datasets then assemble exactly like classic CT Image slices.
 from __future__ import annotations
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.errors import StudyError
@@ -23,6 +24,7 @@ COPIED = (
     "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
     "PixelRepresentation",
 )
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 def _group(frame: Dataset | None, shared: Dataset | None, sequence: str) -> Dataset | None:
@@ -34,11 +36,21 @@ def _group(frame: Dataset | None, shared: Dataset | None, sequence: str) -> Data
     return None
 
 
+def _header(ds: Dataset) -> Dataset:
+    """The multi-frame's data elements except Pixel Data, shared, not copied."""
+    header = Dataset({tag: ds[tag] for tag in ds.keys() if tag != PIXEL_DATA})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
 def split_frames(ds: Dataset) -> list[Dataset]:
     """One lightweight CT-slice-like dataset per frame of an Enhanced CT image.
 
     The frame's 1-based number is kept as the Python attribute ``source_frame_number`` so
-    that derived objects can reference (SOP Instance UID, frame) pairs.
+    that derived objects can reference (SOP Instance UID, frame) pairs, and the multi-frame's
+    header (every attribute but Pixel Data, so the frames hold the only copy of the pixels)
+    as ``source_dataset``: the SEG references the multi-frame image itself.
 
     Raises
     ------
@@ -50,6 +62,7 @@ def split_frames(ds: Dataset) -> list[Dataset]:
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [None] * n
+    header = _header(ds)
     out: list[Dataset] = []
     for k in range(n):
         fg = per_frame[k]
@@ -78,5 +91,6 @@ def split_frames(ds: Dataset) -> list[Dataset]:
             frame.AcquisitionNumber = content.FrameAcquisitionNumber
         frame.PixelData = pixels[k].tobytes()
         frame.source_frame_number = k + 1
+        frame.source_dataset = header
         out.append(frame)
     return out
