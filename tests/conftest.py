@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -20,6 +23,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node.archive.orthanc import DICOMWEB_PLUGIN, ORTHANC_EXECUTABLE, OrthancServer
 from node.archive.orthanc import free_port as _free_port
+
+if TYPE_CHECKING:
+    from node.ingest import NodeServer
 
 INSTALL_HINT = "apt-get install orthanc orthanc-dicomweb dcmtk dicom3tools"
 
@@ -64,6 +70,43 @@ def require_tool(name: str) -> Path:
 def free_port() -> Callable[[], int]:
     """A function returning a new free loopback port at each call."""
     return _free_port
+
+
+NodeFactory = Callable[..., "NodeServer"]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms until it is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path, free_port: Callable[[], int]) -> Iterator[NodeFactory]:
+    """Start real :class:`NodeServer` listeners on free ports; all are stopped afterwards.
+
+    ``start_node(callback, **changes)``: ``callback(study_uid, study_dir)`` is the study
+    callback; ``changes`` override the :class:`Settings` (spool in ``tmp_path / "spool"``).
+    """
+    from node.config import Settings
+    from node.ingest import NodeServer
+
+    started: list[NodeServer] = []
+
+    def start(callback: Callable[[str, Path], None], **changes: object) -> NodeServer:
+        settings = Settings(port=free_port(), spool_dir=tmp_path / "spool")
+        node = NodeServer(replace(settings, **changes), callback)  # type: ignore[arg-type]
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 import queue
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +21,14 @@ from node.archive.dimse import echo
 from node.config import ConfigError, Settings, load_settings
 from node.errors import ArchiveError, IngestError
 from node.ingest import NodeServer, StudyState
-from tests.conftest import make_ct_series, require_tool, storescu, write_files
+from tests.conftest import (
+    NodeFactory,
+    make_ct_series,
+    require_tool,
+    storescu,
+    wait_until,
+    write_files,
+)
 
 STABLE = 0.5  # seconds without instances before a study is complete
 
@@ -56,29 +62,13 @@ def calls() -> Calls:
 
 
 @pytest.fixture
-def make_node(
-    tmp_path: Path, free_port: Callable[[], int], calls: Calls
-) -> Iterator[Callable[..., NodeServer]]:
-    started: list[NodeServer] = []
-
-    def make(**changes: object) -> NodeServer:
-        settings = Settings(port=free_port(), spool_dir=tmp_path / "spool", stable_seconds=STABLE)
-        node = NodeServer(replace(settings, **changes), calls)  # type: ignore[arg-type]
-        node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        node.stop()
+def make_node(start_node: NodeFactory, calls: Calls) -> Callable[..., NodeServer]:
+    return lambda **changes: start_node(calls, **{"stable_seconds": STABLE, **changes})
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+    if not wait_until(predicate, timeout):
+        raise AssertionError("condition not met in time")
 
 
 def test_storescu_study_is_spooled_indexed_and_completed_once(

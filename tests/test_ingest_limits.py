@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import queue
 import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from pydicom.dataset import Dataset
@@ -17,10 +14,9 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE, build_context, evt
 
 from node.archive.dimse import echo, set_nodelay
-from node.config import Settings
 from node.errors import ArchiveError
 from node.ingest import NodeServer
-from tests.conftest import make_ct_series
+from tests.conftest import NodeFactory, make_ct_series, wait_until
 
 Make = Callable[..., NodeServer]
 
@@ -31,23 +27,9 @@ def done() -> queue.Queue[str]:
 
 
 @pytest.fixture
-def make_node(
-    tmp_path: Path, free_port: Callable[[], int], done: queue.Queue[str]
-) -> Iterator[Make]:
-    started: list[NodeServer] = []
-
-    def make(**changes: object) -> NodeServer:
-        settings = Settings(port=free_port(), spool_dir=tmp_path / "spool", stable_seconds=60.0,
-                            min_free_bytes=0)
-        node = NodeServer(replace(settings, **changes),  # type: ignore[arg-type]
-                          lambda uid, _: done.put(uid))
-        node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        node.stop()
+def make_node(start_node: NodeFactory, done: queue.Queue[str]) -> Make:
+    return lambda **changes: start_node(lambda uid, _: done.put(uid),
+                                        **{"stable_seconds": 60.0, "min_free_bytes": 0, **changes})
 
 
 def _associate(port: int, calling: str = "SCANNER") -> AE:
@@ -105,17 +87,8 @@ def test_association_limit_rejects_the_extra_peer(make_node: Make) -> None:
     finally:
         held.release()
     # the node's thread of the released association ends just after the peer saw the release
-    assert _wait(lambda: not node.ae.active_associations, 2.0)
+    assert wait_until(lambda: not node.ae.active_associations, 2.0)
     assert _store(node.port, make_ct_series(n=1)) == [0]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_peer_that_hangs_up_mid_request_frees_its_slot_at_once(make_node: Make) -> None:
@@ -126,10 +99,10 @@ def test_peer_that_hangs_up_mid_request_frees_its_slot_at_once(make_node: Make) 
         socks = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
         for sock in socks:
             sock.sendall(payload)
-        assert _wait(lambda: len(node.ae.active_associations) == 2, 5)
+        assert wait_until(lambda: len(node.ae.active_associations) == 2, 5)
         for sock in socks:
             sock.close()
-        assert _wait(lambda: not node.ae.active_associations, 2.0), "slots still held"
+        assert wait_until(lambda: not node.ae.active_associations, 2.0), "slots still held"
     assert _store(node.port, make_ct_series(n=1)) == [0]
 
 
@@ -137,7 +110,7 @@ def test_connections_per_host_are_limited(make_node: Make) -> None:
     node = make_node(max_associations=8, max_associations_per_host=2, network_timeout=30.0)
     held = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
     try:
-        assert _wait(lambda: len(node.ae.active_associations) == 2, 5)
+        assert wait_until(lambda: len(node.ae.active_associations) == 2, 5)
         extra = socket.create_connection(("127.0.0.1", node.port))
         extra.settimeout(5)
         assert extra.recv(1) == b""  # shut by the node at once
@@ -146,7 +119,7 @@ def test_connections_per_host_are_limited(make_node: Make) -> None:
     finally:
         for sock in held:
             sock.close()
-    assert _wait(lambda: not node.ae.active_associations, 2.0)
+    assert wait_until(lambda: not node.ae.active_associations, 2.0)
     assert _store(node.port, make_ct_series(n=1)) == [0]  # the host may come back
 
 
@@ -159,7 +132,7 @@ def test_calling_ae_host_check(make_node: Make) -> None:
         with pytest.raises(ArchiveError, match="rejected"):
             echo(calling_aet=calling, **kw)  # type: ignore[arg-type]
     # counted on the node's thread, possibly just after the peer saw the rejection
-    assert _wait(lambda: node.metrics.associations_rejected == 2, 2.0)
+    assert wait_until(lambda: node.metrics.associations_rejected == 2, 2.0)
 
 
 def test_stable_time_per_calling_ae(make_node: Make, done: queue.Queue[str]) -> None:
