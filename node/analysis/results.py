@@ -101,6 +101,29 @@ class ResponseAssessment:
 
 
 @dataclass
+class PhaseAlignment:
+    """How one phase was brought onto the reference (portal venous) grid.
+
+    ``shift_mm`` is the patient-space (DICOM LPS) translation from the reference to the phase,
+    ``rotation_deg`` the rotation about the x, y and z axes (0 without rotation);
+    ``residual_mm`` the largest translation still found between the aligned phase and the
+    reference in the liver region or one of its octants (None: not measured);
+    ``rigid_residual_mm`` the same after the rigid step alone; ``deformation_mm`` the largest
+    displacement the constrained deformable step added in the liver region (0: rigid only).
+    """
+
+    phase: str  # Phase.value
+    #: "rigid", "rigid+deformable", "translation", "geometry", or "failed" (phase not used).
+    method: str
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    residual_mm: float | None = None
+    rigid_residual_mm: float | None = None
+    deformation_mm: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class AnalysisResult:
     """Everything the analysis of one study produced."""
 
@@ -117,6 +140,8 @@ class AnalysisResult:
     liver: LesionMeasurement | None = None
     #: Phase.value -> median HU of the liver parenchyma (lesions and vessels excluded).
     liver_median_hu: dict[str, float] = field(default_factory=dict)
+    #: How each phase other than the reference was aligned onto it (sorted by phase).
+    alignments: list[PhaseAlignment] = field(default_factory=list)
 
     @property
     def total_volume_ml(self) -> float:

@@ -15,9 +15,14 @@ import numpy as np
 from node.analysis.enhancement import characterise, phase_context
 from node.analysis.liver import LiverSegmentation, blood_pool, body_mask, smooth_inplane
 from node.analysis.measure import liver_summary, measure_lesion
-from node.analysis.register import align_to_reference
+from node.analysis.register import REGISTRATION_PIXEL_MM, align_to_reference
 from node.analysis.response import assess_response
-from node.analysis.results import AnalysisResult, LesionMeasurement, PriorStudy
+from node.analysis.results import (
+    AnalysisResult,
+    LesionMeasurement,
+    PhaseAlignment,
+    PriorStudy,
+)
 from node.analysis.segment import DEFAULT_BACKEND, SegmentationBackend
 from node.analysis.tracking import assign_baseline, id_number, track
 from node.errors import AnalysisError
@@ -27,6 +32,15 @@ logger = logging.getLogger(__name__)
 
 #: Margin (mm) around the liver to which the registration metric is restricted.
 REGISTRATION_MARGIN_MM = 20.0
+#: Alignment of every other phase: rigid with rotation, residual misalignment measured. The
+#: constrained deformable step is wired but off: on HCC_007 it lowered the residual (1.6-7.1
+#: -> 0.6-4.2 mm), but the lesion detection then grew the baseline tumour from 321 to 507 ml
+#: along the liver border into perihepatic fat (liver 2411 -> 2541 ml) and the follow-up liver
+#: from 1788 to 2018 ml. Costs and reasons: node.analysis.register.
+DEFORMABLE_STEP = False
+#: When on, the deformable step runs only where the residual after the rigid step exceeds
+#: this (one pixel of the registration grid), and is kept only if it lowers the residual.
+DEFORM_ABOVE_MM = REGISTRATION_PIXEL_MM
 #: Share of the first liver mask that must be arterial blood pool to segment again without it.
 BLOOD_POOL_SHARE = 0.02
 #: Soft tissue (HU, smoothed reference) into which a lesion may extend beyond the liver mask.
@@ -66,7 +80,8 @@ def analyze(study: Study, prior: PriorStudy | None = None,
         liver = seg.segment_liver(ref.array, geom)
     except ValueError as exc:
         raise AnalysisError(f"liver segmentation failed: {exc}") from exc
-    phases = align_phases(study, liver, notes)
+    alignments: list[PhaseAlignment] = []
+    phases = align_phases(study, liver, notes, alignments)
     liver = exclude_blood_pool(seg, ref.array, geom, liver, phases, notes)
     notes.append(f"liver {liver.median_hu:.0f} HU (SD {liver.sd_hu:.1f})")
     soft = body_mask(ref.array) & (smooth_inplane(ref.array, geom, 1.5) > SOFT_TISSUE_HU)
@@ -107,27 +122,48 @@ def analyze(study: Study, prior: PriorStudy | None = None,
         notes=notes,
         liver=liver_measurement,
         liver_median_hu=dict(ctx.liver_median),
+        alignments=alignments,
     )
 
 
-def align_phases(study: Study, liver: LiverSegmentation,
-                 notes: list[str]) -> dict[Phase, np.ndarray]:
-    """Every phase on the reference grid, the others rigidly aligned to the reference."""
+def align_phases(study: Study, liver: LiverSegmentation, notes: list[str],
+                 alignments: list[PhaseAlignment] | None = None) -> dict[Phase, np.ndarray]:
+    """Every phase on the reference grid, the others aligned to the reference.
+
+    Rigid (with rotation) inside the dilated liver and the residual misalignment measured;
+    if :data:`DEFORMABLE_STEP`, the constrained deformable step where the residual exceeds
+    :data:`DEFORM_ABOVE_MM`. One :class:`PhaseAlignment` per non-reference phase is appended
+    to ``alignments`` (failed registrations included).
+    """
     ref = study.reference
     region = _dilate_mm(liver.mask, ref.geometry, REGISTRATION_MARGIN_MM)
     out: dict[Phase, np.ndarray] = {ref.phase: ref.array}
+    records = alignments if alignments is not None else []
     for phase, vol in sorted(study.volumes.items(), key=lambda kv: kv[0].value):
         if vol is ref:
             continue
         try:
             al = align_to_reference(vol.array, vol.geometry, ref.array, ref.geometry,
-                                    fixed_mask=region)
+                                    fixed_mask=region, rotation=True,
+                                    deformable=DEFORMABLE_STEP,
+                                    measure_residual=True, deform_above_mm=DEFORM_ABOVE_MM)
         except RuntimeError as exc:  # SimpleITK reports registration failures so
             logger.warning("registration of %s failed: %s", phase.value, exc)
             notes.append(f"{phase.value}: registration failed, phase not used")
+            records.append(PhaseAlignment(phase.value, "failed", notes=[str(exc)]))
             continue
         notes.append(f"{phase.value}: shift "
                      + ", ".join(f"{v:.1f}" for v in al.shift_mm) + " mm")
+        notes.append(f"{phase.value}: {al.method}, rotation "
+                     + ", ".join(f"{v:.1f}" for v in al.rotation_deg) + " deg"
+                     + ("" if al.residual_mm is None else f", residual {al.residual_mm:.1f} mm")
+                     + (f", deformation up to {al.deformation_mm:.1f} mm"
+                        if al.deformation_mm > 0 else ""))
+        records.append(PhaseAlignment(
+            phase=phase.value, method=al.method, shift_mm=al.shift_mm,
+            rotation_deg=al.rotation_deg, residual_mm=al.residual_mm,
+            rigid_residual_mm=al.rigid_residual_mm, deformation_mm=al.deformation_mm,
+            notes=list(al.notes)))
         out[phase] = al.array
     return out
 
