@@ -181,6 +181,9 @@ BEHAVIOUR_CODES: dict[str, CodedConcept] = {
 TOTAL_TUMOUR_VOLUME = _private("LN-TUMVOL", "Total liver tumour volume")
 TUMOUR_BURDEN = _private("LN-BURDEN", "Tumour burden (tumour / liver volume)")
 
+#: How a phase was aligned onto the reference, and what misalignment remains (TEXT).
+PHASE_ALIGNMENT = _private("LN-ALIGN", "Phase alignment and residual misalignment")
+
 #: Every private concept, for documentation and tests.
 PRIVATE_CODES: tuple[CodedConcept, ...] = (
     VOLUMETRIC_RULE,
@@ -192,6 +195,7 @@ PRIVATE_CODES: tuple[CodedConcept, ...] = (
     NEW_LESIONS,
     VANISHED_LESIONS,
     LIVER_VOLUME_TEXT,
+    PHASE_ALIGNMENT,
     CONTRAST_PHASE,
     *PHASE_CODES.values(),
     ENHANCEMENT_VS_NATIVE,

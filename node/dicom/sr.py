@@ -43,7 +43,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 
 from node import ALGORITHM_NAME, ALGORITHM_VERSION, MANUFACTURER, RESEARCH_DISCLAIMER
-from node.analysis.results import AnalysisResult, LesionMeasurement
+from node.analysis.results import AnalysisResult, LesionMeasurement, PhaseAlignment
 from node.dicom import codes
 from node.dicom.seg import (
     contributing_equipment,
@@ -361,16 +361,32 @@ def _text(name: hd.sr.CodedConcept, value: str) -> TextContentItem:
     )
 
 
+def alignment_text(a: PhaseAlignment) -> str:
+    """One line on how a phase was aligned, e.g. ``arterial: rigid, shift 1.7/0.2/4.5 mm,
+    rotation 0.0/0.0/0.1 deg, residual 0.3 mm``."""
+    if a.method == "failed":
+        return f"{a.phase}: registration failed, phase not used"
+    text = (f"{a.phase}: {a.method}, shift {'/'.join(f'{v:.1f}' for v in a.shift_mm)} mm, "
+            f"rotation {'/'.join(f'{v:.1f}' for v in a.rotation_deg)} deg")
+    if a.deformation_mm:
+        text += f", deformation up to {a.deformation_mm:.1f} mm"
+    if a.residual_mm is not None:
+        text += f", residual {a.residual_mm:.1f} mm"
+    return text
+
+
 def qualitative_evaluations(result: AnalysisResult) -> ContainerContentItem:
     """TID 1500 row 10 "Qualitative Evaluations" container (CODE / TEXT children only).
 
     Holds the research-use disclaimer with the algorithm name and version, the liver volume,
-    and, at follow-up, the volumetric response: the category as a private code, the rule as
-    the method, prior / current total volume, change, prior study UID, new / vanished lesions.
+    how each phase was aligned and the residual misalignment, and, at follow-up, the
+    volumetric response: the category as a private code, the rule as the method, prior /
+    current total volume, change, prior study UID, new / vanished lesions.
     """
     items: list[TextContentItem | CodeContentItem] = [
         _text(codes.COMMENT, f"{RESEARCH_DISCLAIMER}. {ALGORITHM_NAME} {ALGORITHM_VERSION}"),
         _text(codes.LIVER_VOLUME_TEXT, f"{result.liver_volume_ml:.2f} ml"),
+        *(_text(codes.PHASE_ALIGNMENT, alignment_text(a)) for a in result.alignments),
     ]
     resp = result.response
     if resp is not None:
