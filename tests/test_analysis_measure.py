@@ -1,4 +1,4 @@
-"""Lesion characterisation (node.analysis.enhancement) and the segmentation backend interface."""
+"""Lesion volumetry and characterisation (node.analysis.lesions, enhancement), backends."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from node.analysis.enhancement import characterise, largest_diameter_3d, phase_context
 from node.analysis.measure import measure_lesion
 from node.analysis.segment import DEFAULT_BACKEND, ClassicalBackend, SegmentationBackend
-from node.study.model import Geometry
+from node.study.model import Geometry, Phase
 
 LIVER = {"native": 55.0, "arterial": 75.0, "portal_venous": 110.0, "delayed": 90.0}
 VIABLE = {"native": 40.0, "arterial": 160.0, "portal_venous": 115.0, "delayed": 60.0}
@@ -89,3 +89,54 @@ def test_default_backend_is_classical() -> None:
     assert isinstance(DEFAULT_BACKEND, ClassicalBackend)
     assert isinstance(DEFAULT_BACKEND, SegmentationBackend)
     assert DEFAULT_BACKEND.name and DEFAULT_BACKEND.version
+
+
+# --- volumetry of small lesions on thick slices ------------------------------------------
+#: A NET metastasis relative to the liver (HU): hyper-arterial, iso portal, washing out.
+NET_DELTA = {Phase.NATIVE: -12.0, Phase.ARTERIAL: 55.0, Phase.PORTAL_VENOUS: 5.0,
+             Phase.DELAYED: -25.0}
+
+
+def _ball_occupancy(shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                    centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    """Exact-enough partial-volume occupancy of a ball (voxels supersampled 10 x 5 x 5)."""
+    axes = [(np.arange(n)[:, None] + (np.arange(s) + 0.5) / s - 0.5).ravel() * sp
+            for n, s, sp in zip(shape, (10, 5, 5), spacing, strict=True)]
+    z, y, x = np.meshgrid(*axes, indexing="ij", sparse=True)
+    inside = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius**2
+    return inside.reshape(shape[0], 10, shape[1], 5, shape[2], 5).mean(axis=(1, 3, 5))
+
+
+def test_small_lesion_volumes_on_5mm_slices() -> None:
+    """Balls of 12-18 mm on 5 mm slices, 1.5 mm pixels: volume within a few percent.
+
+    The half-contrast border of a smoothed image lies inside a curved border; uncompensated,
+    these lesions came out about 10 % small.
+    """
+    shape, spacing = (20, 100, 100), (5.0, 1.5, 1.5)
+    geom = Geometry((0.0, 0.0, 0.0), (1, 0, 0), (0, 1, 0), (0, 0, 1), spacing, shape)
+    rng = np.random.default_rng(3)
+    balls = [(d, (z0 + dz, y0 + rng.uniform(0, 1.5), x0 + rng.uniform(0, 1.5)))
+             for d, z0 in ((12.0, 25.0), (18.0, 65.0))
+             for dz, (y0, x0) in zip((0.0, 1.25, 2.5, 3.75),
+                                     ((35.0, 35.0), (35.0, 110.0), (110.0, 35.0), (110.0, 110.0)),
+                                     strict=True)]
+    occ = sum(_ball_occupancy(shape, spacing, c, d / 2.0) for d, c in balls)
+    phases = {p: (100.0 + delta * occ + rng.normal(0.0, 8.0, shape)).astype(np.float32)
+              for p, delta in NET_DELTA.items()}
+    liver = np.zeros(shape, dtype=bool)
+    liver[1:-1, 5:-5, 5:-5] = True
+    maps = DEFAULT_BACKEND.detect_lesions(phases, liver, np.ones(shape, dtype=bool), geom)
+    ratios = []
+    for d, c in balls:
+        k, i, j = (int(v / sp) for v, sp in zip(c, spacing, strict=True))
+        label = int(maps.labels[k, i, j])
+        assert label > 0, f"{d} mm ball at {c} missed"
+        assert maps.volumes_ml[label] == pytest.approx((maps.labels == label).sum()
+                                                       * geom.voxel_volume_ml)
+        ratios.append(maps.volumes_ml[label] / (np.pi / 6.0 * d**3 / 1000.0))
+    assert len(set(maps.labels[maps.labels > 0].tolist())) == len(balls)
+    # Thick slices sample each ball at 1-4 slice centres (Cavalieri): single balls vary,
+    # the mean over slice positions must be right.
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.04)
+    assert min(ratios) > 0.85 and max(ratios) < 1.15

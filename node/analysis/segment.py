@@ -53,7 +53,7 @@ class ClassicalBackend:
     """Histogram/morphology liver segmentation and multi-phase deviation lesion detection."""
 
     name = "liver-node classical"
-    version = "1"
+    version = "2"  # 2: lesion borders compensated for the in-plane smoothing
 
     def segment_liver(self, array: np.ndarray, geometry: Geometry,
                       exclude: np.ndarray | None = None) -> LiverSegmentation:
