@@ -74,12 +74,27 @@ def _num(item: pydicom.Dataset) -> tuple[float, str]:
     return float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue)
 
 
-def _read_group(group: pydicom.Dataset, merged: dict[str, _Group]) -> None:
-    """Fold one measurement group into ``merged`` (keyed by Tracking UID)."""
-    items = _children(group)
-    uid = next((str(i.UID) for i in items if _is(i, codes.TRACKING_UID)), None)
-    if uid is None:
-        return  # no Tracking UID: cannot be tracked across time points
+def _tracked_groups(sr: pydicom.Dataset) -> Iterator[tuple[str, list[pydicom.Dataset]]]:
+    """(Tracking UID, content items) of every measurement group of a TID 1500 SR that has a
+    Tracking UID, in document order; groups without one cannot be tracked and are skipped.
+
+    Raises
+    ------
+    ValueError
+        If ``sr`` is not a TID 1500 Measurement Report.
+    """
+    template = getattr(sr, "ContentTemplateSequence", None)
+    if not template or str(template[0].TemplateIdentifier) != "1500":
+        raise ValueError("sr is not a TID 1500 Measurement Report")
+    for group in _measurement_groups(sr):
+        items = _children(group)
+        uid = next((str(i.UID) for i in items if _is(i, codes.TRACKING_UID)), None)
+        if uid is not None:
+            yield uid, items
+
+
+def _read_group(uid: str, items: list[pydicom.Dataset], merged: dict[str, _Group]) -> None:
+    """Fold one measurement group's items into ``merged`` (keyed by Tracking UID)."""
     entry = merged.setdefault(uid, _Group(tracking_uid=uid))
     for item in items:
         if _is(item, codes.TRACKING_IDENTIFIER) and not entry.tracking_id:
@@ -203,15 +218,8 @@ def read_findings(sr: pydicom.Dataset) -> dict[str, ReportedFinding]:
     ValueError
         If ``sr`` is not a TID 1500 Measurement Report.
     """
-    template = getattr(sr, "ContentTemplateSequence", None)
-    if not template or str(template[0].TemplateIdentifier) != "1500":
-        raise ValueError("sr is not a TID 1500 Measurement Report")
     found: dict[str, ReportedFinding] = {}
-    for group in _measurement_groups(sr):
-        items = _children(group)
-        uid = next((str(i.UID) for i in items if _is(i, codes.TRACKING_UID)), None)
-        if uid is None:
-            continue
+    for uid, items in _tracked_groups(sr):
         entry = found.setdefault(uid, ReportedFinding(tracking_uid=uid))
         for item in items:
             if _is(item, codes.TRACKING_IDENTIFIER) and not entry.tracking_id:
@@ -298,12 +306,9 @@ def read_prior(sr: pydicom.Dataset, seg: pydicom.Dataset | None) -> PriorStudy:
     ValueError
         If ``sr`` is not a TID 1500 Measurement Report.
     """
-    template = getattr(sr, "ContentTemplateSequence", None)
-    if not template or str(template[0].TemplateIdentifier) != "1500":
-        raise ValueError("sr is not a TID 1500 Measurement Report")
     merged: dict[str, _Group] = {}
-    for group in _measurement_groups(sr):
-        _read_group(group, merged)
+    for uid, items in _tracked_groups(sr):
+        _read_group(uid, items, merged)
     centroids: dict[int, tuple[float, float, float]] = {}
     by_uid: dict[str, int] = {}
     liver_segment = None
