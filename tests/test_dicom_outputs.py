@@ -497,6 +497,8 @@ def test_read_prior_converts_mm3_and_works_without_seg(baseline: Case) -> None:
 def test_read_prior_rejects_other_documents(case: Case) -> None:
     with pytest.raises(ValueError, match="TID 1500"):
         read_prior(pydicom.dcmread(case.seg_path), None)
+    with pytest.raises(ValueError, match="TID 1500"):
+        read_findings(pydicom.dcmread(case.seg_path))
 
 
 # --- determinism and input validation ------------------------------------------------------------
