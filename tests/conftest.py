@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -38,6 +39,10 @@ KNOWN_TOOLS: dict[str, Path] = {
     "findscu": Path("/usr/bin/findscu"),
     "storescp": Path("/usr/bin/storescp"),
     "dciodvfy": Path("/usr/bin/dciodvfy"),
+    "dsrdump": Path("/usr/bin/dsrdump"),
+    # dcmqi's readers come with the venv (pip package dcmqi)
+    "segimage2itkimage": Path(sys.executable).parent / "segimage2itkimage",
+    "tid1500reader": Path(sys.executable).parent / "tid1500reader",
 }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -32,7 +31,6 @@ from node.study.model import Study
 from tests.conftest import require_tool
 from tests.dicom_fixtures import make_case
 
-VENV_BIN = Path(sys.executable).parent
 INPUT_KEY = "enhanced-ct"
 
 
@@ -338,7 +336,7 @@ def test_dciodvfy_reports_no_errors(case: Case, which: str) -> None:
 
 
 def test_dcmqi_reads_seg(case: Case, tmp_path: Path) -> None:
-    exe = require_tool(str(VENV_BIN / "segimage2itkimage"))
+    exe = require_tool("segimage2itkimage")
     out = subprocess.run([str(exe), "--inputDICOM", str(case.seg_path), "--outputDirectory",
                           str(tmp_path), "--outputType", "nrrd"],
                          capture_output=True, text=True, timeout=120)
@@ -350,7 +348,7 @@ def test_dcmqi_reads_seg(case: Case, tmp_path: Path) -> None:
 
 
 def test_dcmqi_reads_sr(case: Case, tmp_path: Path) -> None:
-    exe = require_tool(str(VENV_BIN / "tid1500reader"))
+    exe = require_tool("tid1500reader")
     target = tmp_path / "sr.json"
     out = subprocess.run([str(exe), "--inputDICOM", str(case.sr_path), "--outputMetadata",
                           str(target)], capture_output=True, text=True, timeout=120)

@@ -7,10 +7,7 @@ In CI (CI=true) a missing external tool is a failure, not a skip.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,23 +24,10 @@ from node.dicom.seg import build_seg
 from node.dicom.sr import build_sr
 from node.dicom.sr_reader import read_findings, read_prior
 from node.study.model import Phase, Study
+from tests.conftest import require_tool
 from tests.dicom_fixtures import SPACING, make_case
 
 INPUT_KEY = "0123456789abcdef0123456789abcdef"
-VENV_BIN = Path(sys.executable).parent
-
-
-def _tool(name: str, *candidates: Path) -> str:
-    """Path of an external tool; skip locally, FAIL in CI when it is missing."""
-    for c in candidates:
-        if c.exists():
-            return str(c)
-    found = shutil.which(name)
-    if found:
-        return found
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{name} is required in CI but not installed")
-    pytest.skip(f"{name} not installed")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,7 +73,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, strict_pydicom: None) -> 
 
 @pytest.mark.parametrize("which", ["seg", "sr"])
 def test_dciodvfy_reports_no_errors(case: Case, which: str) -> None:
-    dciodvfy = _tool("dciodvfy", Path("/usr/bin/dciodvfy"))
+    dciodvfy = str(require_tool("dciodvfy"))
     path = case.seg_path if which == "seg" else case.sr_path
     out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
@@ -101,7 +85,7 @@ def test_dciodvfy_reports_no_errors(case: Case, which: str) -> None:
 
 
 def test_dsrdump_reads_sr(case: Case) -> None:
-    dsrdump = _tool("dsrdump", Path("/usr/bin/dsrdump"))
+    dsrdump = str(require_tool("dsrdump"))
     out = subprocess.run([dsrdump, str(case.sr_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "Imaging Measurement Report" in out.stdout
@@ -109,7 +93,7 @@ def test_dsrdump_reads_sr(case: Case) -> None:
 
 
 def test_dcmqi_segimage2itkimage_reads_seg(case: Case, tmp_path: Path) -> None:
-    exe = _tool("segimage2itkimage", VENV_BIN / "segimage2itkimage")
+    exe = str(require_tool("segimage2itkimage"))
     out = subprocess.run([exe, "--inputDICOM", str(case.seg_path), "--outputDirectory",
                           str(tmp_path), "--outputType", "nrrd"],
                          capture_output=True, text=True, timeout=120)
@@ -121,7 +105,7 @@ def test_dcmqi_segimage2itkimage_reads_seg(case: Case, tmp_path: Path) -> None:
 
 
 def test_dcmqi_tid1500reader_reads_sr(case: Case, tmp_path: Path) -> None:
-    exe = _tool("tid1500reader", VENV_BIN / "tid1500reader")
+    exe = str(require_tool("tid1500reader"))
     target = tmp_path / "sr.json"
     out = subprocess.run([exe, "--inputDICOM", str(case.sr_path), "--outputMetadata", str(target)],
                          capture_output=True, text=True, timeout=120)
@@ -553,6 +537,6 @@ def test_sr_names_the_sr_it_supersedes(baseline: Case, tmp_path: Path) -> None:
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == baseline.sr.SOPInstanceUID
     path = tmp_path / "later-sr.dcm"
     later.save_as(path, enforce_file_format=True)
-    dciodvfy = _tool("dciodvfy", Path("/usr/bin/dciodvfy"))
+    dciodvfy = str(require_tool("dciodvfy"))
     out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     assert [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")] == []

@@ -187,10 +187,9 @@ def test_baseline_then_follow_up_through_orthanc(
     seg_path, sr_path = tmp_path / "seg-check.dcm", tmp_path / "sr-check.dcm"
     seg.save_as(seg_path, enforce_file_format=True)
     sr.save_as(sr_path, enforce_file_format=True)
-    bin_dir = Path(sys.executable).parent
-    for cmd in ([str(bin_dir / "segimage2itkimage"), "--inputDICOM", str(seg_path),
+    for cmd in ([str(require_tool("segimage2itkimage")), "--inputDICOM", str(seg_path),
                  "--outputDirectory", str(out)],
-                [str(bin_dir / "tid1500reader"), "--inputDICOM", str(sr_path),
+                [str(require_tool("tid1500reader")), "--inputDICOM", str(sr_path),
                  "--outputMetadata", str(out / "sr.json")]):
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         assert proc.returncode == 0, proc.stderr
