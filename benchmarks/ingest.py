@@ -4,7 +4,8 @@ Sends the same study of N CT images (512 x 512 int16, default 300) with DCMTK's 
 (``TCP_NODELAY=1``: the sender's setting is what counts) to
 
 1. DCMTK storescp writing to disk (the reference),
-2. a pynetdicom SCP whose handler stores nothing (the ceiling of any pynetdicom listener),
+2. a pynetdicom SCP whose handler stores nothing, with pynetdicom's stock acceptor and with
+   the node's (node/ingest/fastpath.py: the ceiling of the node),
 3. the node with ``sync_writes = false`` (no fsync: what the durability costs),
 4. the node (``python -m node.ingest.standalone``: the real listener with its durable spool,
    without the analysis),
@@ -108,28 +109,34 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def pynetdicom_floor(paths: list[Path]) -> float:
+def pynetdicom_floor(paths: list[Path], fast: bool) -> float:
     """Seconds to send ``paths`` to a pynetdicom SCP whose handler stores nothing.
 
-    The ceiling of any pynetdicom-based listener on this machine, measured in the same run.
+    ``fast``: with the node's acceptor (node/ingest/fastpath.py), the ceiling of the node on
+    this machine; else pynetdicom's stock acceptor. Both set TCP_NODELAY as the node does.
     """
     from pydicom.uid import ExplicitVRLittleEndian as EVRLE
     from pynetdicom import AE, evt
 
+    from node.ingest.fastpath import start_server
     from node.ingest.handlers import AssociationLog, handle_conn_open
 
     ae = AE(ae_title="FLOOR")
     ae.add_supported_context(CTImageStorage, EVRLE)
     ae.maximum_pdu_size = 262144  # as the node
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+    handlers = [
         (evt.EVT_C_STORE, lambda event: 0x0000),  # Success, without storing
         (evt.EVT_CONN_OPEN, handle_conn_open, [AssociationLog()]),
-    ])
+    ]
+    if fast:
+        start_server(ae, ("127.0.0.1", port), handlers)
+    else:
+        ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     try:
         return send(paths, port, "FLOOR")
     finally:
-        server.shutdown()
+        ae.shutdown()
 
 
 def start_node(work: Path, sync: bool = True) -> tuple[subprocess.Popen[bytes], int]:
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             scp.terminate()
             scp.wait(10)
-        t_floor = pynetdicom_floor(paths)
+        t_stock = pynetdicom_floor(paths, fast=False)
+        t_floor = pynetdicom_floor(paths, fast=True)
         node, port = start_node(work, sync=False)
         try:
             t_nosync = send(paths, port, "LIVERNODE")
@@ -194,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     scp_rate, node_rate, node4_rate = n / t_scp, n / t_node, n / t_node4
     ratio = node_rate / scp_rate
     print(f"DCMTK storescp, 1 association : {scp_rate:7.1f} inst/s ({t_scp:.2f} s)")
-    print(f"pynetdicom no-op SCP (ceiling): {n / t_floor:7.1f} inst/s ({t_floor:.2f} s, "
-          f"{t_scp / t_floor:.2f} x storescp)")
+    print(f"pynetdicom no-op SCP, stock   : {n / t_stock:7.1f} inst/s ({t_stock:.2f} s, "
+          f"{t_scp / t_stock:.2f} x storescp)")
+    print(f"pynetdicom no-op SCP, node's  : {n / t_floor:7.1f} inst/s ({t_floor:.2f} s, "
+          f"{t_scp / t_floor:.2f} x storescp; the ceiling of the node)")
     print(f"node, sync_writes=false       : {n / t_nosync:7.1f} inst/s ({t_nosync:.2f} s, "
           f"{t_scp / t_nosync:.2f} x storescp; not power-loss safe)")
     print(f"node, 1 association           : {node_rate:7.1f} inst/s ({t_node:.2f} s)")

@@ -96,11 +96,6 @@ def _address(event: Event) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
-#: Seconds the network thread of a connection sleeps when it finds nothing to do
-#: (pynetdicom's default is 1 ms, which adds several ms to every C-STORE of a large instance).
-DUL_LOOP_DELAY = 0.0002
-
-
 def handle_conn_open(event: Event, log: AssociationLog, max_per_host: int = 0) -> None:
     """Set TCP_NODELAY on the accepted socket (pynetdicom never does) and start a record.
 
@@ -113,7 +108,6 @@ def handle_conn_open(event: Event, log: AssociationLog, max_per_host: int = 0) -
     if sock is None:
         logger.error("connection from %s has no socket to configure", record.peer_host)
         return
-    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     record.tcp_nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
     if max_per_host and same_host > max_per_host:

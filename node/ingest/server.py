@@ -32,6 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.config import Settings, stable_by_aet
 from node.errors import IngestError
 from node.ingest.completion import CompletionMonitor, StudyCallback
+from node.ingest.fastpath import start_server
 from node.ingest.handlers import (
     AssociationLog,
     AssociationRecord,
@@ -195,9 +196,7 @@ class NodeServer:
         address = (self.settings.host, self.settings.port)
         tls = server_tls_context(self.settings)
         try:
-            self._server = self._ae.start_server(
-                address, block=False, evt_handlers=handlers, ssl_context=tls
-            )
+            self._server = start_server(self._ae, address, handlers, ssl_context=tls)
         except OSError as exc:
             raise IngestError(f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
         self._monitor.start()

@@ -1,0 +1,126 @@
+"""The node's faster pynetdicom acceptor parts (node/ingest/fastpath.py).
+
+The listener tests (test_ingest*.py) run every C-STORE, release, abort and network timeout
+through them (storescu checks every response it gets); these tests pin what those cannot see:
+reads split across TCP segments, a peer that closes mid-PDU, C-STORE responses byte for byte
+as pynetdicom encodes them, the class switch of every accepted association and the pinned
+version.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pynetdicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+
+from node.ingest.fastpath import (
+    PYNETDICOM_VERSION,
+    NodeAssociation,
+    NodeAssociationSocket,
+    NodeDIMSEServiceProvider,
+    encode_store_response,
+)
+from tests.conftest import NodeFactory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wrapped_pair() -> tuple[NodeAssociationSocket, socket.socket]:
+    ours, peer = socket.socketpair()
+    return NodeAssociationSocket(Association(AE(), "acceptor"), client_socket=ours), peer
+
+
+def test_recv_joins_pieces_sent_with_pauses() -> None:
+    sock, peer = _wrapped_pair()
+    payload = bytes(range(256)) * 2048  # 512 KiB, more than one socket buffer
+    pieces = [payload[i:i + 70001] for i in range(0, len(payload), 70001)]
+
+    def send_slowly() -> None:
+        for piece in pieces:
+            peer.sendall(piece)
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=send_slowly)
+    sender.start()
+    try:
+        assert sock.recv(6) == payload[:6]
+        assert sock.recv(len(payload) - 6) == payload[6:]
+    finally:
+        sender.join()
+        peer.close()
+        sock.close()
+
+
+def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
+    sock, peer = _wrapped_pair()
+    peer.sendall(b"0123456789")
+    peer.close()
+    try:
+        got = sock.recv(100)
+        assert bytes(got) == b"0123456789"
+        assert sock.recv(5) == b""
+    finally:
+        sock.close()
+
+
+def test_accepted_associations_use_the_fast_parts(start_node: NodeFactory) -> None:
+    node = start_node(lambda uid, path: None)
+    seen: list[tuple[type, type, type, float]] = []
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    try:
+        assert assoc.is_established
+        for acceptor in node.ae.active_associations:
+            seen.append((type(acceptor), type(acceptor.dul.socket), type(acceptor.dimse),
+                         acceptor.dul._run_loop_delay))
+        status = assoc.send_c_echo()
+        assert status.Status == 0x0000
+    finally:
+        assoc.release()
+    assert seen and all(a is NodeAssociation and s is NodeAssociationSocket
+                        and p is NodeDIMSEServiceProvider and d < 0.001
+                        for a, s, p, d in seen), seen
+
+
+@pytest.mark.parametrize(("status", "sop_class", "sop_instance"), [
+    (0x0000, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"),            # odd-length UIDs
+    (0xA700, "1.2.840.10008.5.1.4.1.1.66.4", "1.2.826.0.1.3680043.8.498.10"),
+    (0xC210, "1.2.840.10008.5.1.4.1.1.2.1", "2.25.1234567890123456789012345678901234"),
+    (0x0000, None, None),                                             # both optional UIDs absent
+])
+def test_store_response_bytes_equal_pynetdicoms(status: int, sop_class: str | None,
+                                                sop_instance: str | None) -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 65535
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = sop_class, sop_instance
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = message.encode_msg(1, 16384)
+    (context_id, pdv), = pdata.presentation_data_value_list
+    assert pdv[:1] == b"\x03" and encode_store_response(rsp) == pdv[1:]
+
+
+def test_store_response_with_error_comment_is_left_to_pynetdicom() -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0xC000
+    rsp.ErrorComment = "bad UID"
+    assert encode_store_response(rsp) is None
+
+
+def test_pynetdicom_is_pinned_to_the_copied_reactor() -> None:
+    """fastpath copies 3.0.4's acceptor loop: the pin, the install and the copy must agree."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pin = re.search(r'"pynetdicom==([0-9.]+)"', pyproject)
+    assert pin is not None and pin.group(1) == PYNETDICOM_VERSION
+    assert pynetdicom.__version__ == PYNETDICOM_VERSION
