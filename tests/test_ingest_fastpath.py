@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pynetdicom
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
@@ -83,6 +83,9 @@ def test_accepted_associations_use_the_fast_parts(start_node: NodeFactory) -> No
         for acceptor in node.ae.active_associations:
             seen.append((type(acceptor), type(acceptor.dul.socket), type(acceptor.dimse),
                          acceptor.dul._run_loop_delay))
+            # pynetdicom's per-message debug formatting is off (its logger is not at DEBUG)
+            assert not acceptor.get_handlers(evt.EVT_DIMSE_SENT)
+            assert not acceptor.get_handlers(evt.EVT_DIMSE_RECV)
         status = assoc.send_c_echo()
         assert status.Status == 0x0000
     finally:

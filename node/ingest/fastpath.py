@@ -10,7 +10,7 @@ Measured with py-spy on a listener whose C-STORE handler stores nothing (pynetdi
   encodes it twice (once for the group length): ~1 ms per instance, as much as the rest of the
   handler. :func:`encode_store_response` writes the same bytes directly (PS3.7 E.1, 9.3.1.2).
 - pynetdicom's standard debug handlers format every received PDU and DIMSE message even when
-  nothing is logged at DEBUG; :func:`start_server` does not bind them unless the
+  nothing is logged at DEBUG; the node's server and associations unbind them unless the
   ``pynetdicom`` logger is at DEBUG.
 - ``Association._run_reactor`` sleeps 1 ms before each look at the DIMSE message queue, so a
   complete C-STORE request waits 0.5 ms on average (up to 1 ms) before the handler runs, and
@@ -118,7 +118,7 @@ class NodeDIMSEServiceProvider(DIMSEServiceProvider):
             return
         pdata = P_DATA()
         # Message control header 0x03: command fragment, the last one (PS3.8 E.2).
-        pdata.presentation_data_value_list = [(context_id, b"\x03" + command)]
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
         self.dul.send_pdu(pdata)
 
 
@@ -178,6 +178,20 @@ class NodeAssociation(Association):
                 return
 
 
+_DEBUG_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                   (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                   (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                   (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
+
+
+def _drop_debug_handlers(target: Association | ThreadedAssociationServer) -> None:
+    """Unbind pynetdicom's standard logging handlers (both the server and each association
+    bind them) unless the ``pynetdicom`` logger is at DEBUG."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        for event, handler in _DEBUG_HANDLERS:
+            target.unbind(event, handler)
+
+
 class NodeRequestHandler(RequestHandler):
     """Builds pynetdicom's acceptor association, then gives it the node's faster parts.
 
@@ -190,6 +204,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.dimse.__class__ = NodeDIMSEServiceProvider
         assoc.dul.socket.__class__ = NodeAssociationSocket  # type: ignore[union-attr]
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
+        _drop_debug_handlers(assoc)
         return assoc
 
 
@@ -206,12 +221,7 @@ def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
         address, evt_handlers=list(evt_handlers), ssl_context=ssl_context,
         server_class=ThreadedAssociationServer, request_handler=NodeRequestHandler,
     ))
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-        for event, handler in ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-                               (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-                               (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
-                               (evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
-            server.unbind(event, handler)
+    _drop_debug_handlers(server)
     thread = threading.Thread(target=make_target(server.serve_forever), name="NodeAcceptor",
                               daemon=True)
     thread.start()
