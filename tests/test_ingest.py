@@ -21,6 +21,7 @@ from node.archive.dimse import echo
 from node.config import ConfigError, Settings, load_settings
 from node.errors import ArchiveError, IngestError
 from node.ingest import NodeServer, StudyState
+from node.ingest.spool import CLEAN_MARKER
 from tests.conftest import (
     NodeFactory,
     make_ct_series,
@@ -266,6 +267,8 @@ def test_pending_study_survives_a_restart(
     with NodeServer(settings, calls) as node:
         assert _send_raw(node.port, series) == [0, 0]
     assert calls.none_within(0.1)
+    assert (tmp_path / "spool" / CLEAN_MARKER).is_file()  # a clean stop left its marker
     with NodeServer(replace(settings, stable_seconds=STABLE), calls) as node:
+        assert not (tmp_path / "spool" / CLEAN_MARKER).exists()  # gone before serving
         assert calls.wait(timeout=STABLE + 5)[0] == series[0].StudyInstanceUID
         assert len(node.spool.instances(series[0].StudyInstanceUID)) == 2

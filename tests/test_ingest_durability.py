@@ -125,7 +125,8 @@ def _wait(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 def test_kill9_during_ingest_loses_no_acknowledged_instance(
     node_process: NodeProcess, kill_after: int
 ) -> None:
-    series = make_ct_series(n=40, size=128)
+    # Enough instances that the kill lands mid-transfer even when the node is fast.
+    series = make_ct_series(n=200, size=128)
     study = series[0].StudyInstanceUID
     node_process.start()
     acked: list[Dataset] = []

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from node.errors import IngestError
 from node.ingest.index import InstanceRecord, SpoolIndex, SQLiteIndex, StudyState
-from node.ingest.spool import INDEX_NAME, Spool
+from node.ingest.spool import CLEAN_MARKER, INDEX_NAME, Spool
 from tests.conftest import make_ct_series
 
 INDEXES: dict[str, Callable[[Path], SpoolIndex]] = {
@@ -118,6 +118,33 @@ def test_recover_quarantines_an_unreadable_unindexed_file(tmp_path: Path) -> Non
     assert not stray.exists()
     assert (spool.root / "quarantine" / "unindexed-1.2.3.4.5.dcm").read_bytes().startswith(b"not")
     assert spool.instance("1.2.3.4.5") is None
+    spool.close()
+
+
+def test_recover_skips_the_walk_only_after_a_clean_close(tmp_path: Path) -> None:
+    """A clean close marks the spool, so the next start does not list every file; a close
+    without the mark (a crash) gets the full walk. A file put in while the node was down
+    shows which of the two happened."""
+    series = make_ct_series(n=2)
+    spool = Spool(tmp_path / "spool")
+    _store(spool, series[0])
+    spool.close(clean=True)
+    assert (tmp_path / "spool" / CLEAN_MARKER).is_file()
+    stray = _store(Spool(tmp_path / "other"), series[1])
+    target = tmp_path / "spool" / stray.relative_to(tmp_path / "other")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(stray.read_bytes())
+
+    spool = Spool(tmp_path / "spool")
+    assert spool.recover() == []  # clean: no walk, the stray is not seen
+    assert not (tmp_path / "spool" / CLEAN_MARKER).exists()
+    assert spool.instance(series[1].SOPInstanceUID) is None
+    spool.close()  # not clean: as after a crash
+
+    spool = Spool(tmp_path / "spool")
+    assert spool.recover() == [series[1].StudyInstanceUID]  # the walk found and indexed it
+    assert spool.instance(series[1].SOPInstanceUID) is not None
+    assert spool.instance(series[0].SOPInstanceUID) is not None
     spool.close()
 
 

@@ -241,9 +241,11 @@ class NodeServer:
         """Stop listening, then the completion threads; closes the spool index.
 
         Open associations get ``grace`` seconds to finish, then are aborted (an instance not
-        yet acknowledged is the peer's to resend).
+        yet acknowledged is the peer's to resend). If none is left running the spool is closed
+        as clean, so the next start skips its walk over every spool file.
         """
         server, self._server = self._server, None
+        clean = True
         if server is not None:
             server.shutdown()
             open_assocs = list(server.active_associations)
@@ -255,11 +257,12 @@ class NodeServer:
                                    assoc.requestor.ae_title)
                     assoc.abort()
                     assoc.join(2.0)
+                    clean = clean and not assoc.is_alive()  # its handler may still write
         if self._http is not None:
             self._http.stop()
             self._http = None
         self._monitor.stop()
-        self.spool.close()
+        self.spool.close(clean=clean)
         logger.info("node stopped")
 
     def mark_complete(self, study_instance_uid: str) -> bool:
