@@ -29,7 +29,8 @@ from node.ingest.fastpath import (
     NodeDIMSEServiceProvider,
     encode_store_response,
 )
-from tests.conftest import NodeFactory
+from node.ingest.server import NodeServer
+from tests.conftest import NodeFactory, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +120,40 @@ def test_store_response_with_error_comment_is_left_to_pynetdicom() -> None:
     rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0xC000
     rsp.ErrorComment = "bad UID"
     assert encode_store_response(rsp) is None
+
+
+def _open_association(node: NodeServer) -> Association:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    assert wait_until(lambda: len(node.ae.active_associations) == 1)
+    return assoc
+
+
+def test_reactor_ends_an_idle_association_at_the_network_timeout(
+        start_node: NodeFactory) -> None:
+    node = start_node(lambda uid, path: None, network_timeout=1.0)
+    assoc = _open_association(node)
+    try:
+        assert wait_until(lambda: not node.ae.active_associations, timeout=5.0)
+        assert wait_until(lambda: not assoc.is_established, timeout=5.0)
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def test_reactor_ends_an_aborted_association_and_keeps_serving(
+        start_node: NodeFactory) -> None:
+    node = start_node(lambda uid, path: None)
+    _open_association(node).abort()
+    assert wait_until(lambda: not node.ae.active_associations, timeout=3.0)
+    assoc = _open_association(node)
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert wait_until(lambda: not node.ae.active_associations, timeout=3.0)
 
 
 def test_pynetdicom_is_pinned_to_the_copied_reactor() -> None:
