@@ -13,14 +13,16 @@ import re
 import socket
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pynetdicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from node.ingest.fastpath import (
     PYNETDICOM_VERSION,
@@ -28,6 +30,7 @@ from node.ingest.fastpath import (
     NodeAssociationSocket,
     NodeDIMSEServiceProvider,
     encode_store_response,
+    parse_store_request,
 )
 from node.ingest.server import NodeServer
 from tests.conftest import NodeFactory, wait_until
@@ -162,3 +165,63 @@ def test_pynetdicom_is_pinned_to_the_copied_reactor() -> None:
     pin = re.search(r'"pynetdicom==([0-9.]+)"', pyproject)
     assert pin is not None and pin.group(1) == PYNETDICOM_VERSION
     assert pynetdicom.__version__ == PYNETDICOM_VERSION
+
+
+def _store_request_pdatas(max_pdu: int, **fields: object) -> tuple[C_STORE, list[P_DATA]]:
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 17, 2
+    rq.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rq.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
+    for name, value in fields.items():
+        setattr(rq, name, value)
+    rq.DataSet = BytesIO(bytes(range(256)) * 1025)  # 262,400 bytes: several fragments
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    return rq, list(message.encode_msg(3, max_pdu))
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"Priority": 1, "MoveOriginatorApplicationEntityTitle": "ORTHANC",
+     "MoveOriginatorMessageID": 65535},
+    {"AffectedSOPInstanceUID": "1.2.3.4"},  # even length: no padding
+])
+def test_store_request_decoded_as_pynetdicom_does(fields: dict[str, object]) -> None:
+    """Fed P-DATA by P-DATA, the fast receiver queues the same C-STORE primitive (every
+    parameter, the data set bytes, the context) as pynetdicom's decoder."""
+    sent, pdatas = _store_request_pdatas(16384, **fields)
+    ours = Association(AE(), "acceptor").dimse
+    ours.__class__ = NodeDIMSEServiceProvider
+    theirs = Association(AE(), "acceptor").dimse
+    for pdata in pdatas:
+        ours.receive_primitive(pdata)
+        theirs.receive_primitive(pdata)
+    (cx1, got), (cx2, expected) = ours.msg_queue.get_nowait(), theirs.msg_queue.get_nowait()
+    assert cx1 == cx2 == 3 and got._context_id == expected._context_id == 3
+    for name in ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
+        assert getattr(got, name) == getattr(expected, name), name
+    assert got.DataSet.getvalue() == expected.DataSet.getvalue() == sent.DataSet.getvalue()
+    assert ours.message is None and ours.msg_queue.empty()
+
+
+def test_other_commands_go_through_pynetdicom() -> None:
+    echo = C_ECHO()
+    echo.MessageID, echo.AffectedSOPClassUID = 5, "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    ours = Association(AE(), "acceptor").dimse
+    ours.__class__ = NodeDIMSEServiceProvider
+    for pdata in message.encode_msg(1, 16384):
+        ours.receive_primitive(pdata)
+    _, got = ours.msg_queue.get_nowait()
+    assert isinstance(got, C_ECHO) and got.MessageID == 5
+
+
+@pytest.mark.parametrize("command", [
+    b"",
+    b"\x00\x00\x00\x01\x02\x00\x00\x00\x00\x00",  # C-ECHO-RQ's command field only
+    bytes.fromhex("0000000004000000ffffffff"),  # a length running past the end
+])
+def test_unexpected_command_sets_are_left_to_pynetdicom(command: bytes) -> None:
+    assert parse_store_request(command) is None
