@@ -194,6 +194,52 @@ def test_analysis_records_the_alignment_of_every_other_phase(
         assert any(n.startswith(f"{a.phase}: shift") for n in analysed.notes)
 
 
+@pytest.mark.parametrize(("spacing", "bins"), [
+    ((5.0, 0.7, 0.7), (2, 2, 1)), ((2.5, 0.7, 0.7), (2, 2, 1)), ((1.25, 0.7, 0.7), (2, 2, 2)),
+    ((1.0, 0.9, 0.9), (2, 2, 2)), ((0.625, 2.0, 2.0), (1, 1, 4)), ((3.0, 1.5, 1.5), (1, 1, 1))])
+def test_registration_grid_is_coarse_in_plane_and_through_thin_slices(
+        spacing: tuple[float, float, float], bins: tuple[int, int, int]) -> None:
+    assert reg.registration_bins(spacing) == bins
+
+
+def test_box_and_grid_geometry_match_itk(study: Study) -> None:
+    """The reference is cropped before conversion and resampled onto by geometry alone:
+    both must put every voxel where ITK's own region and reference-image paths put it."""
+    ref, vol = study.reference, study.volumes[Phase.NATIVE]
+    img = to_sitk(ref.array, ref.geometry)
+    box = (slice(3, 20), slice(40, 150), slice(25, 170))
+    sub = to_sitk(ref.array[box], reg._sub_geometry(ref.geometry, box))
+    roi = sitk.RegionOfInterest(img, [145, 110, 17], [25, 40, 3])
+    assert sub.GetOrigin() == roi.GetOrigin() and sub.GetSize() == roi.GetSize()
+    assert np.array_equal(sitk.GetArrayViewFromImage(sub), sitk.GetArrayViewFromImage(roi))
+    tx = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.01, 0.02, 0.03, (4.0, -3.0, 7.0))
+    moving = to_sitk(vol.array, vol.geometry)
+    expected = sitk.Resample(moving, img, tx, sitk.sitkLinear, reg.OUTSIDE_HU, sitk.sitkFloat32)
+    assert np.array_equal(reg.resample(moving, ref.geometry, tx),
+                          sitk.GetArrayViewFromImage(expected))
+
+
+@pytest.mark.slow
+def test_thin_slices_register_on_thicker_bins(tmp_path: Path) -> None:
+    """1.25 mm slices are registered on ~2.5 mm bins: shifts still within one thin voxel."""
+    out = generate_baseline(tmp_path / "thin", 31, size=192, n_lesions=2,
+                            max_shift_mm=20.0, slice_thickness_mm=1.25)
+    thin = load_study_dir(out / "dicom")
+    ref = thin.reference
+    assert reg.registration_bins(ref.geometry.spacing)[2] == 2
+    _, liver = load_truth_labels(out)
+    region = ndimage.distance_transform_edt(~liver, sampling=ref.geometry.spacing) <= 20.0
+    truth = load_truth(out)["shift_mm"]
+    for phase in (Phase.ARTERIAL, Phase.NATIVE):
+        vol = thin.volumes[phase]
+        al = align_to_reference(vol.array, vol.geometry, ref.array, ref.geometry,
+                                fixed_mask=region, rotation=True, measure_residual=True)
+        error = np.abs(np.asarray(al.shift_mm) - truth[phase.value])
+        assert np.all(error <= _voxel(ref.geometry)), (phase, al.shift_mm)
+        assert max(abs(a) for a in al.rotation_deg) < 1.0, al.rotation_deg
+        assert al.residual_mm is not None and al.residual_mm < 1.25, al.notes
+
+
 def test_geometry_only_keeps_the_reference_grid(study: Study) -> None:
     ref, vol = study.reference, study.volumes[Phase.NATIVE]
     al = align_to_reference(vol.array, vol.geometry, ref.array, ref.geometry,

@@ -70,12 +70,23 @@ class PhaseContext:
 
 
 def phase_context(arrays: Mapping[str, np.ndarray], parenchyma: np.ndarray,
-                  geometry: Geometry) -> PhaseContext:
-    """Smooth every phase and measure the liver parenchyma (``parenchyma``: bool mask)."""
+                  geometry: Geometry, region: np.ndarray | None = None) -> PhaseContext:
+    """Smooth every phase and measure the liver parenchyma (``parenchyma``: bool mask).
+
+    ``region`` (bool, optional) marks the other voxels whose smoothed values will be read
+    (the lesions): only the bounding box of it and the parenchyma is smoothed, NaN elsewhere.
+    Four thin-slice phases cost ~5 s to smooth whole, and the liver's box is a fraction.
+    """
     from node.analysis.liver import smooth_inplane
 
-    sm = {k: smooth_inplane(a.astype(np.float32), geometry, RULES["smooth_mm"])
-          for k, a in arrays.items()}
+    box: tuple[slice, ...] = tuple(slice(0, n) for n in parenchyma.shape)
+    if region is not None and parenchyma.any():
+        box = ndimage.find_objects(np.asarray(parenchyma | region, dtype=bool).view(np.uint8))[0]
+    sm: dict[str, np.ndarray] = {}
+    for k, a in arrays.items():
+        sm[k] = np.full(a.shape, np.nan, dtype=np.float32)
+        sm[k][box] = smooth_inplane(np.asarray(a, dtype=np.float32), geometry,
+                                    RULES["smooth_mm"], box)
     med: dict[str, float] = {}
     sd: dict[str, float] = {}
     diff: dict[str, float] = {}

@@ -22,6 +22,8 @@ from scipy import ndimage
 
 from node.study.model import Geometry
 
+#: Gaussian kernels are cut at this many sigma (scipy's default, stated for the box reach).
+GAUSS_TRUNCATE = 4.0
 #: Rules and sizes of the segmentation (data, not code).
 PARAMS: dict[str, float] = {
     "body_hu": -400.0,  # denser than air and lung
@@ -55,10 +57,33 @@ class LiverSegmentation:
     envelope: np.ndarray | None = None
 
 
-def smooth_inplane(array: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
-    """In-plane Gaussian smoothing (slices are thick; no smoothing across them)."""
+def smooth_inplane(array: np.ndarray, geometry: Geometry, sigma_mm: float,
+                   box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """In-plane Gaussian smoothing (slices are thick; no smoothing across them).
+
+    With ``box`` (slices with start and stop) only ``array[box]`` is smoothed and returned,
+    bit for bit what smoothing the whole volume gives there (the kernel's reach around the
+    box is included): a liver's box is a small part of a thin-slice volume.
+    """
     _, dy, dx = geometry.spacing
-    return ndimage.gaussian_filter(array, sigma=(0.0, sigma_mm / dy, sigma_mm / dx))
+    sigma = (0.0, sigma_mm / dy, sigma_mm / dx)
+    if box is None:
+        return ndimage.gaussian_filter(array, sigma=sigma, truncate=GAUSS_TRUNCATE)
+    # scipy's kernel radius is int(truncate * sigma + 0.5) pixels.
+    outer, inner = _with_reach(box, [int(GAUSS_TRUNCATE * sd + 0.5) + 1 if sd > 0 else 0
+                                     for sd in sigma], array.shape)
+    return ndimage.gaussian_filter(array[outer], sigma=sigma, truncate=GAUSS_TRUNCATE)[inner]
+
+
+def _with_reach(box: tuple[slice, ...], reach: list[int], shape: tuple[int, ...]
+                ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """``box`` grown by ``reach`` voxels per axis (within ``shape``), and where ``box`` lies
+    in it: a filter of that reach computed on the grown box is exact on ``box``."""
+    outer = tuple(slice(max(b.start - r, 0), min(b.stop + r, n))
+                  for b, r, n in zip(box, reach, shape, strict=True))
+    inner = tuple(slice(b.start - o.start, b.stop - o.start)
+                  for b, o in zip(box, outer, strict=True))
+    return outer, inner
 
 
 def robust_stats(values: np.ndarray) -> tuple[float, float]:
@@ -74,10 +99,27 @@ def body_mask(array: np.ndarray) -> np.ndarray:
         return np.zeros(array.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    body = labels == int(np.argmax(sizes))
-    for k in range(body.shape[0]):
-        body[k] = ndimage.binary_fill_holes(body[k])
-    return body
+    return fill_holes(labels == int(np.argmax(sizes)), per_slice=True)
+
+
+def fill_holes(mask: np.ndarray, per_slice: bool = False) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` of a 3D mask, or of each of its slices, in one labelling.
+
+    A hole is a background component (face-connected; within its slice if ``per_slice``)
+    that reaches no edge of the volume (of its slice). Labelling the background once is
+    several times faster than scipy's iterative fill, and than a loop over thin slices.
+    """
+    structure = ndimage.generate_binary_structure(3, 1)
+    if per_slice:
+        structure[[0, 2]] = False
+    labels, n = ndimage.label(~mask, structure=structure)
+    hole = np.ones(n + 1, dtype=bool)
+    hole[0] = False
+    hole[labels[:, [0, -1], :]] = False
+    hole[labels[:, :, [0, -1]]] = False
+    if not per_slice:
+        hole[labels[[0, -1]]] = False
+    return mask | hole[labels]
 
 
 def patient_lr_superior(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +201,8 @@ def _segment_in_slabs(array: np.ndarray, geometry: Geometry, exclude: np.ndarray
     return replace(seg, mask=expand(seg.mask), envelope=envelope)
 
 
-def blood_pool(arterial: np.ndarray, liver: np.ndarray, geometry: Geometry) -> np.ndarray:
+def blood_pool(arterial: np.ndarray, liver: np.ndarray, geometry: Geometry,
+               box: tuple[slice, ...] | None = None) -> np.ndarray:
     """Blood pool (heart, aorta, enhanced veins) from the arterial phase on the reference grid.
 
     In the arterial phase the blood is far brighter than the liver parenchyma (which is fed
@@ -169,11 +212,13 @@ def blood_pool(arterial: np.ndarray, liver: np.ndarray, geometry: Geometry) -> n
     the portal venous phase (the window of :func:`segment_liver` requires that).
     Arterially enhancing lesions inside the liver may be marked too; the hole filling of
     :func:`segment_liver` takes them back into the liver.
+
+    With ``box`` (one that holds the whole ``liver``) the blood pool of that box only.
     """
-    sm = smooth_inplane(arterial, geometry, PARAMS["smooth_mm"])
-    inside = liver & (sm > PARAMS["body_hu"])
+    sm = smooth_inplane(arterial, geometry, PARAMS["smooth_mm"], box)
+    inside = (liver if box is None else liver[box]) & (sm > PARAMS["body_hu"])
     if not inside.any():
-        return np.zeros(arterial.shape, dtype=bool)
+        return np.zeros(sm.shape, dtype=bool)
     liver_art = float(np.median(sm[inside]))
     unenhanced = (sm > PARAMS["body_hu"]) & (sm < liver_art - PARAMS["blood_art_hu"])
     return (sm > liver_art + PARAMS["blood_art_hu"]) | unenhanced
@@ -191,19 +236,31 @@ def refine_border(mask: np.ndarray, sm: np.ndarray, body: np.ndarray, geometry: 
     kidney) are not. Where the neighbour is similar to liver the threshold is near the liver
     level and little is added.
     """
+    if not mask.any():
+        return mask
     _, dy, dx = geometry.spacing
     r = PARAMS["border_outside_mm"]
-    size = (1, 2 * int(np.ceil(r / dy)) + 1, 2 * int(np.ceil(r / dx)) + 1)
-    outside = ndimage.minimum_filter(np.where(body, sm, np.float32(liver_hu)), size=size)
+    rings = int(PARAMS["border_rings"])
+    # Everything happens within ``rings`` voxels of the mask: work on that box only (the
+    # minimum filter on it grown by the filter's reach), exactly as on the whole volume.
+    box, _ = _with_reach(ndimage.find_objects(mask.view(np.uint8))[0], [rings] * 3, mask.shape)
+    reach = [0, int(np.ceil(r / dy)), int(np.ceil(r / dx))]
+    outer, inner = _with_reach(box, reach, mask.shape)
+    size = [2 * n + 1 for n in reach]
+    outside = ndimage.minimum_filter(np.where(body[outer], sm[outer], np.float32(liver_hu)),
+                                     size=size)[inner]
     thr = (liver_hu + np.maximum(outside, PARAMS["border_floor_hu"])) / 2.0
     cross = ndimage.generate_binary_structure(3, 1)
-    for _ in range(int(PARAMS["border_rings"])):
-        shell = ndimage.binary_dilation(mask, structure=cross) & ~mask & body
-        add = shell & (sm >= thr) & (sm <= upper_hu)
+    grown, sm_box, body_box = mask[box], sm[box], body[box]
+    for _ in range(rings):
+        shell = ndimage.binary_dilation(grown, structure=cross) & ~grown & body_box
+        add = shell & (sm_box >= thr) & (sm_box <= upper_hu)
         if not add.any():
             break
-        mask = mask | add
-    return mask
+        grown = grown | add
+    out = mask.copy()
+    out[box] = grown
+    return out
 
 
 def _histogram_region(body: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -245,14 +302,18 @@ def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
     _, dy, dx = geometry.spacing
     dist = _edt_slices(window, geometry)
     # Through the slices too: the heart rests on the liver dome across the thin diaphragm.
-    core = (dist > PARAMS["erode_mm"]) & (
-        ndimage.distance_transform_edt(window, sampling=geometry.spacing) > PARAMS["erode_z_mm"])
+    core = (dist > PARAMS["erode_mm"]) & _farther_than(dist, geometry.spacing[0],
+                                                       PARAMS["erode_z_mm"])
     labels, n = ndimage.label(core)
     if n == 0:
         return np.zeros_like(window)
     x_ij, _ = patient_lr_superior(geometry)
     sizes = np.bincount(labels.ravel())[1:].astype(float)
-    x_sum = ndimage.sum_labels(np.broadcast_to(x_ij, window.shape), labels, np.arange(1, n + 1))
+    # Sum of x per component, over its voxels only (as ndimage.sum_labels, without
+    # broadcasting x to the whole volume).
+    flat = np.flatnonzero(labels)
+    x_sum = np.bincount(labels.ravel()[flat], weights=x_ij.ravel()[flat % x_ij.size],
+                        minlength=n + 1)[1:]
     x_mean = x_sum / np.maximum(sizes, 1)
     body_x = float(np.mean(x_ij))
     # Prefer right-sided components; among those, the largest.
@@ -274,23 +335,24 @@ def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
 def _fill_and_close(mask: np.ndarray, body: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Fill holes (3D, then per slice) and close notches per slice, inside the body."""
     _, dy, dx = geometry.spacing
-    mask = ndimage.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     r = PARAMS["close_mm"]
     out = np.zeros_like(mask)
     if not mask.any():
         return out
     box = _bbox_inplane(mask, geometry, 0.0)
     pad = int(np.ceil(r / min(dy, dx))) + 1
+    closed = mask[:, box[0], box[1]].copy()
     for k in range(mask.shape[0]):
-        if not mask[k].any():
+        if not closed[k].any():
             continue
         # Closing by distance transforms: dilate by r, then erode by r (padding keeps the
         # image border from eroding the dilated region); only the mask's box is needed.
-        m = np.pad(mask[k][box], pad)
+        m = np.pad(closed[k], pad)
         dilated = ndimage.distance_transform_edt(~m, sampling=(dy, dx)) <= r
-        closed = ndimage.distance_transform_edt(dilated, sampling=(dy, dx)) > r
-        closed = closed[pad:-pad, pad:-pad]
-        out[k][box] = ndimage.binary_fill_holes(closed | mask[k][box]) & body[k][box]
+        closed[k] |= (ndimage.distance_transform_edt(dilated, sampling=(dy, dx)) > r
+                      )[pad:-pad, pad:-pad]
+    out[:, box[0], box[1]] = fill_holes(closed, per_slice=True) & body[:, box[0], box[1]]
     return out
 
 
@@ -309,6 +371,24 @@ def _edt_slices(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
         if mask[k].any():
             dist[k][box] = ndimage.distance_transform_edt(mask[k][box], sampling=(dy, dx))
     return dist
+
+
+def _farther_than(dist: np.ndarray, dz: float, r: float) -> np.ndarray:
+    """Voxels whose 3D distance to the background exceeds ``r`` (mm), from the per-slice
+    in-plane distances ``dist`` (:func:`_edt_slices`; 0 on the background).
+
+    The nearest background voxel lies in some slice ``k + d``, at ``(d dz)^2 + dist[k+d]^2``
+    squared; only slices within ``r`` can hold one closer than ``r``. This is the 3D
+    distance transform thresholded, for a few array comparisons instead of a 3D transform
+    of the whole volume (~5 s on thin slices).
+    """
+    out = dist > r
+    squared = np.square(dist, dtype=np.float64)
+    for d in range(1, int(r // dz) + 1):
+        far = squared > r * r - (d * dz) ** 2
+        out[d:] &= far[:-d]
+        out[:-d] &= far[d:]
+    return out
 
 
 def _bbox_inplane(mask: np.ndarray, geometry: Geometry,

@@ -21,10 +21,11 @@ phantoms, only fits noise (1-2 mm of displacement for 0.1-0.2 mm less residual).
 analysis does not run it for now (``run.DEFORMABLE_STEP``): on the real HCC_007 studies it
 is triggered and lowers the residual, but the lesion detection then leaks along the liver
 border (the older B-spline step did the same). Everything runs on the liver region's box
-binned to ~1.5 mm in-plane, with capped metric samples (:data:`RESIDUAL_MAX_SAMPLES`,
-:data:`BSPLINE_MAX_SAMPLES`), without precomputed gradient images (ITK's default
-recursive-Gaussian gradient images cost 3x the optimisation here), and the B-spline is
-tabulated as a 5 mm displacement field for the full-resolution resampling.
+binned to ~1.5 mm in-plane and thin slices to ~2.5 mm (:func:`registration_bins`; only that
+box of the reference is converted for ITK), with capped metric samples
+(:data:`RESIDUAL_MAX_SAMPLES`, :data:`BSPLINE_MAX_SAMPLES`), without precomputed gradient
+images (ITK's default recursive-Gaussian gradient images cost 3x the optimisation here), and
+the B-spline is tabulated as a 5 mm displacement field for the full-resolution resampling.
 
 Measured cost per phase (CPU s of one process; the 2-core machine was shared with other
 jobs, so wall times varied up to 2x):
@@ -32,7 +33,7 @@ jobs, so wall times varied up to 2x):
 =========================================  ===========================  ===================
 volume                                     this module                  before (old module)
 =========================================  ===========================  ===================
-phantom 512 x 512 x 35, 5 mm               1.3-1.4 rigid + residual     2.0-2.2 translation
+phantom 512 x 512 x 35, 5 mm               0.9-1.1 rigid + residual     2.0-2.2 translation
                                            (policy: no deformable       only; 9-12 with
                                            step, residual 0.3-0.6 mm)   everything on
 same, deformable step forced               3.0-3.7                      9-12
@@ -40,6 +41,9 @@ HCC_007 512 x 512 x 75, 2.5 mm             3.2-4.4 rigid + residual     2.7-5.5 
                                            (1.6-2.6 mm); ~9.5 with the  only; 24-37 with
                                            policy (the step runs:       everything on
                                            residual -> 0.6-1.0 mm)
+phantom 512 x 512 x 140, 1.25 mm           2.6-3.5 (binned to 2.5 mm;   3.7-5.3 unbinned, the
+                                           1.1-1.5 of it resampling     whole reference
+                                           the whole volume)            converted
 =========================================  ===========================  ===================
 
 Deterministic: the metric samples a regular grid with a fixed seed (ITK otherwise jitters it
@@ -52,7 +56,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -73,8 +77,9 @@ SAMPLING_FRACTION = 0.1
 SAMPLING_SEED = 20240301
 #: Threads of every registration: 1, as threaded ITK metric sums vary from run to run.
 REGISTRATION_THREADS = 1
-#: In-plane pixel size (mm) the registration works at.
+#: In-plane pixel size (mm) the registration works at, and the least slice thickness (mm).
 REGISTRATION_PIXEL_MM = 1.5
+REGISTRATION_SLICE_MM = 2.5
 #: Multi-resolution levels of the registration (image shrink factors).
 SHRINK_FACTORS = (4, 2)
 #: Margin (mm) beyond the largest accepted shift kept around the region in the moving image.
@@ -124,9 +129,14 @@ class Alignment:
     method: str = "geometry"
 
 
-def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+def to_sitk(array: np.ndarray, geometry: Geometry, dtype: type = np.float32) -> sitk.Image:
     """A SimpleITK image with the volume's physical geometry (index order x=j, y=i, z=k)."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    return _with_geometry(sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=dtype)),
+                          geometry)
+
+
+def _with_geometry(img: sitk.Image, geometry: Geometry) -> sitk.Image:
+    """``img`` given the spacing, origin and direction of ``geometry`` (ITK's x, y, z order)."""
     dz, dy, dx = geometry.spacing
     img.SetSpacing((dx, dy, dz))
     img.SetOrigin(geometry.origin)
@@ -135,12 +145,27 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return img
 
 
-def resample(moving: sitk.Image, reference: sitk.Image,
+def resample(moving: sitk.Image, reference: Geometry,
              transform: sitk.Transform | None = None) -> np.ndarray:
-    """Resample ``moving`` onto the reference grid (linear), as a float32 array."""
-    out = sitk.Resample(moving, reference, transform or sitk.Transform(), sitk.sitkLinear,
-                        OUTSIDE_HU, sitk.sitkFloat32)
+    """Resample ``moving`` onto the reference grid (linear), as a float32 array.
+
+    The grid is given by its geometry: the reference volume itself is never converted.
+    """
+    grid = _with_geometry(sitk.Image([1, 1, 1], sitk.sitkUInt8), reference)
+    nz, ny, nx = reference.shape
+    out = sitk.Resample(moving, [nx, ny, nz], transform or sitk.Transform(), sitk.sitkLinear,
+                        grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection(), OUTSIDE_HU,
+                        sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
+
+
+def _sub_geometry(geometry: Geometry, box: tuple[slice, ...]) -> Geometry:
+    """The geometry of ``array[box]``: its origin as ITK computes it for a region."""
+    grid = _with_geometry(sitk.Image([1, 1, 1], sitk.sitkUInt8), geometry)
+    k, i, j = (int(b.start) for b in box)
+    origin = grid.TransformIndexToPhysicalPoint((j, i, k))
+    return replace(geometry, origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+                   shape=tuple(int(b.stop - b.start) for b in box))  # type: ignore[arg-type]
 
 
 def align_to_reference(
@@ -186,12 +211,11 @@ def align_to_reference(
     Alignment
         The moving volume on the reference grid and the transform applied.
     """
-    ref_img = to_sitk(reference, reference_geometry)
     mov_img = to_sitk(moving, moving_geometry)
     if not estimate_shift:
-        return Alignment(resample(mov_img, ref_img), (0.0, 0.0, 0.0), 0.0)
-    fixed, mov_small, mask = _registration_inputs(ref_img, mov_img, fixed_mask,
-                                                  reference_geometry)
+        return Alignment(resample(mov_img, reference_geometry), (0.0, 0.0, 0.0), 0.0)
+    fixed, mov_small, mask = _registration_inputs(reference, reference_geometry, mov_img,
+                                                  fixed_mask)
     transform, metric, notes = _rigid_with_limits(fixed, mov_small, mask, rotation)
     shift, angles = _translation_and_angles(transform)
     # What was kept: an implausible rotation falls back to a translation.
@@ -214,38 +238,49 @@ def align_to_reference(
         method = "rigid+deformable" if deformation > 0.0 else method
     if residual is not None:
         notes.append(f"residual misalignment {residual:.1f} mm")
-    return Alignment(resample(mov_img, ref_img, final), shift, metric,  # type: ignore[arg-type]
-                     angles, residual, deformation, tuple(notes),  # type: ignore[arg-type]
-                     rigid_residual, method)
+    array = resample(mov_img, reference_geometry, final)
+    return Alignment(array, shift, metric, angles, residual, deformation,  # type: ignore[arg-type]
+                     tuple(notes), rigid_residual, method)
 
 
-def _registration_inputs(ref_img: sitk.Image, mov_img: sitk.Image,
-                         fixed_mask: np.ndarray | None, reference_geometry: Geometry
+def _registration_inputs(reference: np.ndarray, reference_geometry: Geometry,
+                         mov_img: sitk.Image, fixed_mask: np.ndarray | None
                          ) -> tuple[sitk.Image, sitk.Image, sitk.Image | None]:
-    """Fixed image cropped to the mask's box, both binned to ~REGISTRATION_PIXEL_MM, clamped
-    to :data:`REGISTRATION_WINDOW_HU`."""
+    """Fixed image cropped to the mask's box, both binned to the registration grid
+    (:func:`registration_bins`), clamped to :data:`REGISTRATION_WINDOW_HU`.
+
+    Only the box of the reference is converted (the whole volume is never needed).
+    """
     mask_img = None
-    fixed_img = ref_img
+    box: tuple[slice, ...] = tuple(slice(0, n) for n in reference.shape)
     if fixed_mask is not None and fixed_mask.any():
         # Registering only the mask's bounding box is much faster than the whole image.
-        box = ndimage.find_objects(fixed_mask.astype(np.int8))[0]
-        lo = [int(s.start) for s in reversed(box)]  # SimpleITK index order (x, y, z)
-        size = [int(s.stop - s.start) for s in reversed(box)]
-        fixed_img = sitk.RegionOfInterest(ref_img, size, lo)
-        mask_img = sitk.RegionOfInterest(
-            sitk.Cast(to_sitk(fixed_mask.astype(np.uint8), reference_geometry),
-                      sitk.sitkUInt8), size, lo)
+        box = ndimage.find_objects(fixed_mask.astype(bool, copy=False).view(np.uint8))[0]
+        mask_img = to_sitk(fixed_mask[box], _sub_geometry(reference_geometry, box), np.uint8)
+    fixed_img = to_sitk(reference[box], _sub_geometry(reference_geometry, box))
     mov_img = _crop_around(mov_img, fixed_img, MAX_SHIFT_MM + MOVING_MARGIN_MM)
-    # Rigid motion needs no fine pixels: register at about REGISTRATION_PIXEL_MM in-plane.
-    f = max(1, int(round(REGISTRATION_PIXEL_MM / min(reference_geometry.spacing[1:]))))
-    if f > 1:
-        fixed_img = sitk.BinShrink(fixed_img, [f, f, 1])
-        mov_img = sitk.BinShrink(mov_img, [f, f, 1])
+    bins = list(registration_bins(reference_geometry.spacing))
+    if max(bins) > 1:
+        fixed_img = sitk.BinShrink(fixed_img, bins)
+        mov_img = sitk.BinShrink(mov_img, bins)
         if mask_img is not None:
-            mask_img = sitk.Cast(sitk.BinShrink(mask_img, [f, f, 1]) > 0, sitk.sitkUInt8)
+            mask_img = sitk.Cast(sitk.BinShrink(mask_img, bins) > 0, sitk.sitkUInt8)
     lo_hu, hi_hu = REGISTRATION_WINDOW_HU
     return (sitk.Clamp(fixed_img, sitk.sitkFloat32, lo_hu, hi_hu),
             sitk.Clamp(mov_img, sitk.sitkFloat32, lo_hu, hi_hu), mask_img)
+
+
+def registration_bins(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Voxels binned per registration voxel, (x, y, z), for a (dz, dy, dx) ``spacing``.
+
+    Rigid motion needs no fine pixels: in-plane about :data:`REGISTRATION_PIXEL_MM`, and
+    slices thinner than :data:`REGISTRATION_SLICE_MM` are averaged to about that thickness
+    (thin slices add no information to a rigid fit, but every voxel of them costs in the
+    pyramid, the metric and the residual).
+    """
+    dz, dy, dx = spacing
+    f = max(1, int(round(REGISTRATION_PIXEL_MM / min(dy, dx))))
+    return f, f, max(1, int(REGISTRATION_SLICE_MM / dz + 1e-6))
 
 
 def _crop_around(image: sitk.Image, region: sitk.Image, margin_mm: float) -> sitk.Image:

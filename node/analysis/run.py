@@ -11,6 +11,7 @@ import logging
 import time
 
 import numpy as np
+from scipy import ndimage
 
 from node.analysis.enhancement import characterise, phase_context
 from node.analysis.liver import LiverSegmentation, blood_pool, body_mask, smooth_inplane
@@ -93,7 +94,7 @@ def analyze(study: Study, prior: PriorStudy | None = None,
     lesions = [measure_lesion(maps.labels == lab, geom, lab, arrays,
                               volume_ml=maps.volumes_ml.get(lab))
                for lab in range(1, int(maps.labels.max()) + 1) if (maps.labels == lab).any()]
-    ctx = phase_context(arrays, liver.mask & (maps.labels == 0), geom)
+    ctx = phase_context(arrays, liver.mask & (maps.labels == 0), geom, maps.labels > 0)
     for les in lesions:
         characterise(les, maps.labels == les.label, ctx, geom)
     liver_ml, liver_c = liver_summary(liver_mask, geom)
@@ -180,10 +181,13 @@ def exclude_blood_pool(seg: SegmentationBackend, array: np.ndarray, geometry: Ge
     arterial = phases.get(Phase.ARTERIAL)
     if arterial is None or arterial is array or not liver.mask.any():
         return liver
-    blood = blood_pool(arterial, liver.mask, geometry)
-    share = float((blood & liver.mask).sum()) / float(liver.mask.sum())
+    # The share needs the liver's box only; the whole volume only when segmenting again.
+    box = ndimage.find_objects(liver.mask.view(np.uint8))[0]
+    blood = blood_pool(arterial, liver.mask, geometry, box)
+    share = float((blood & liver.mask[box]).sum()) / float(liver.mask.sum())
     if share < BLOOD_POOL_SHARE:
         return liver
+    blood = blood_pool(arterial, liver.mask, geometry)
     try:
         again = seg.segment_liver(array, geometry, exclude=blood)
     except ValueError:
@@ -206,9 +210,19 @@ def relabel(labels: np.ndarray, lesions: list[LesionMeasurement]
 
 
 def _dilate_mm(mask: np.ndarray, geometry: Geometry, margin_mm: float) -> np.ndarray:
-    """Dilate by a margin in mm (anisotropic voxels) using a distance transform."""
-    from scipy import ndimage
+    """Dilate by a margin in mm (anisotropic voxels) using a distance transform.
 
+    Exact, but the distance transform runs only on the mask's bounding box grown by the
+    margin (beyond it every voxel is farther than ``margin_mm`` from the mask): on a large
+    field of view and thin slices the whole volume would cost ~10 s more.
+    """
     if not mask.any():
         return np.ones_like(mask)
-    return ndimage.distance_transform_edt(~mask, sampling=geometry.spacing) <= margin_mm
+    box = ndimage.find_objects(mask.astype(np.int8))[0]
+    reach = [int(np.ceil(margin_mm / s)) + 1 for s in geometry.spacing]
+    grown = tuple(slice(max(b.start - r, 0), min(b.stop + r, n))
+                  for b, r, n in zip(box, reach, mask.shape, strict=True))
+    out = np.zeros_like(mask)
+    out[grown] = ndimage.distance_transform_edt(~mask[grown],
+                                                sampling=geometry.spacing) <= margin_mm
+    return out
