@@ -225,3 +225,16 @@ def test_other_commands_go_through_pynetdicom() -> None:
 ])
 def test_unexpected_command_sets_are_left_to_pynetdicom(command: bytes) -> None:
     assert parse_store_request(command) is None
+
+
+def test_a_command_in_the_middle_of_a_data_set_aborts() -> None:
+    """A peer that interleaves another command into a C-STORE data set breaks PS3.8 E.2:
+    the association is aborted (event 19, as pynetdicom does for an invalid message)."""
+    _, pdatas = _store_request_pdatas(16384)
+    dimse = Association(AE(), "acceptor").dimse
+    dimse.__class__ = NodeDIMSEServiceProvider
+    dimse.receive_primitive(pdatas[0])  # the command set
+    dimse.receive_primitive(pdatas[1])  # a first data fragment
+    dimse.receive_primitive(pdatas[0])  # a command again
+    assert dimse.dul.event_queue.get_nowait() == "Evt19"
+    assert dimse.msg_queue.empty()

@@ -112,7 +112,7 @@ def encode_store_response(rsp: C_STORE) -> bytes | None:
     return _element(0x0000, struct.pack("<I", len(elements))) + elements
 
 
-#: Command elements of a C-STORE-RQ (PS3.7 9.3.1.1) -> how to read them.
+#: The command elements a C-STORE-RQ may hold (PS3.7 9.3.1.1); any other -> pynetdicom.
 _STORE_RQ_ELEMENTS = {0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031}
 
 
