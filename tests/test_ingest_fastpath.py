@@ -15,6 +15,7 @@ import threading
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 import pynetdicom
 import pytest
@@ -29,6 +30,7 @@ from node.ingest.fastpath import (
     NodeAssociation,
     NodeAssociationSocket,
     NodeDIMSEServiceProvider,
+    drop_debug_handlers,
     encode_store_response,
     parse_store_request,
 )
@@ -167,6 +169,14 @@ def test_pynetdicom_is_pinned_to_the_copied_reactor() -> None:
     assert pynetdicom.__version__ == PYNETDICOM_VERSION
 
 
+def _node_dimse() -> NodeDIMSEServiceProvider:
+    """The DIMSE provider of an acceptor set up as the node's request handler does it."""
+    assoc = Association(AE(), "acceptor")
+    drop_debug_handlers(assoc)
+    assoc.dimse.__class__ = NodeDIMSEServiceProvider
+    return cast(NodeDIMSEServiceProvider, assoc.dimse)
+
+
 def _store_request_pdatas(max_pdu: int, **fields: object) -> tuple[C_STORE, list[P_DATA]]:
     rq = C_STORE()
     rq.MessageID, rq.Priority = 17, 2
@@ -190,12 +200,13 @@ def test_store_request_decoded_as_pynetdicom_does(fields: dict[str, object]) -> 
     """Fed P-DATA by P-DATA, the fast receiver queues the same C-STORE primitive (every
     parameter, the data set bytes, the context) as pynetdicom's decoder."""
     sent, pdatas = _store_request_pdatas(16384, **fields)
-    ours = Association(AE(), "acceptor").dimse
-    ours.__class__ = NodeDIMSEServiceProvider
+    ours = _node_dimse()
     theirs = Association(AE(), "acceptor").dimse
-    for pdata in pdatas:
+    for i, pdata in enumerate(pdatas):
         ours.receive_primitive(pdata)
         theirs.receive_primitive(pdata)
+        if i == 0:  # the fast path took the command set; pynetdicom's decoder did not
+            assert ours._store is not None and ours.message is None
     (cx1, got), (cx2, expected) = ours.msg_queue.get_nowait(), theirs.msg_queue.get_nowait()
     assert cx1 == cx2 == 3 and got._context_id == expected._context_id == 3
     for name in ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
@@ -210,8 +221,7 @@ def test_other_commands_go_through_pynetdicom() -> None:
     echo.MessageID, echo.AffectedSOPClassUID = 5, "1.2.840.10008.1.1"
     message = C_ECHO_RQ()
     message.primitive_to_message(echo)
-    ours = Association(AE(), "acceptor").dimse
-    ours.__class__ = NodeDIMSEServiceProvider
+    ours = _node_dimse()
     for pdata in message.encode_msg(1, 16384):
         ours.receive_primitive(pdata)
     _, got = ours.msg_queue.get_nowait()
@@ -231,8 +241,7 @@ def test_a_command_in_the_middle_of_a_data_set_aborts() -> None:
     """A peer that interleaves another command into a C-STORE data set breaks PS3.8 E.2:
     the association is aborted (event 19, as pynetdicom does for an invalid message)."""
     _, pdatas = _store_request_pdatas(16384)
-    dimse = Association(AE(), "acceptor").dimse
-    dimse.__class__ = NodeDIMSEServiceProvider
+    dimse = _node_dimse()
     dimse.receive_primitive(pdatas[0])  # the command set
     dimse.receive_primitive(pdatas[1])  # a first data fragment
     dimse.receive_primitive(pdatas[0])  # a command again

@@ -269,7 +269,7 @@ _DEBUG_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
                    (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
 
 
-def _drop_debug_handlers(target: Association | ThreadedAssociationServer) -> None:
+def drop_debug_handlers(target: Association | ThreadedAssociationServer) -> None:
     """Unbind pynetdicom's standard logging handlers (both the server and each association
     bind them) unless the ``pynetdicom`` logger is at DEBUG."""
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
@@ -289,7 +289,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.dimse.__class__ = NodeDIMSEServiceProvider
         assoc.dul.socket.__class__ = NodeAssociationSocket  # type: ignore[union-attr]
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
-        _drop_debug_handlers(assoc)
+        drop_debug_handlers(assoc)
         return assoc
 
 
@@ -306,7 +306,7 @@ def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
         address, evt_handlers=list(evt_handlers), ssl_context=ssl_context,
         server_class=ThreadedAssociationServer, request_handler=NodeRequestHandler,
     ))
-    _drop_debug_handlers(server)
+    drop_debug_handlers(server)
     thread = threading.Thread(target=make_target(server.serve_forever), name="NodeAcceptor",
                               daemon=True)
     thread.start()
