@@ -48,6 +48,7 @@ def evaluate(study_dir: Path, rows: dict, fps: dict, liver_dice: list[float],
     overlap = (result.liver_mask & liver).sum()
     liver_dice.append(2 * overlap / (result.liver_mask.sum() + liver.sum()))
     matched: set[int] = set()
+    liver_k = np.flatnonzero(liver.any(axis=(1, 2)))
     for les in truth["lesions"]:
         if les["status"] == "vanished" or les["label"] == 0:
             continue
@@ -66,16 +67,19 @@ def evaluate(study_dir: Path, rows: dict, fps: dict, liver_dice: list[float],
             vol = next(m.volume_ml for m in result.lesions if m.label == best)
             row = (True, float(dice), (vol - les["volume_ml"]) / les["volume_ml"])
         rows[band].append(row)
+        # Slices between the lesion and the liver's first or last slice (partial volume there).
+        ks = np.flatnonzero(gt.any(axis=(1, 2)))
+        edge = min(ks[0] - liver_k[0], liver_k[-1] - ks[-1]) if ks.size else -1
         details.append(f"{study_dir.name}\t{les['truth_id']}\t{les['diameter_mm']:.1f}\t"
                        f"{int(les.get('lipiodol', False))}\t{int(row[0])}\t{row[1]:.3f}\t"
-                       f"{row[2] * 100:+.1f}\t{les['center_xyz']}")
+                       f"{row[2] * 100:+.1f}\t{edge}\t{les['center_xyz']}")
     overlapping = set(np.unique(result.lesion_labels[labels > 0]))
     for m in result.lesions:
         if m.label in matched | overlapping:
             continue
         d = (6.0 * m.volume_ml * 1000.0 / np.pi) ** (1.0 / 3.0)
         fps[_band(d) or BANDS[0]] += 1
-        details.append(f"{study_dir.name}\tFP\t{d:.1f}\t0\t0\t0\t0\t{m.centroid_xyz}")
+        details.append(f"{study_dir.name}\tFP\t{d:.1f}\t0\t0\t0\t0\t\t{m.centroid_xyz}")
     return seconds
 
 
@@ -158,7 +162,7 @@ def main() -> None:
             print(f"  seed {seed} done ({times[-2]:.1f} s, {times[-1]:.1f} s)", flush=True)
             if args.details:
                 args.details.write_text(
-                    "study\ttruth\td_mm\tlipiodol\tfound\tdice\tvol_err%\tcentre\n"
+                    "study\ttruth\td_mm\tlipiodol\tfound\tdice\tvol_err%\tedge_slices\tcentre\n"
                     + "\n".join(details) + "\n", encoding="utf-8")
     n = len(liver_dice)
     print(f"{n} studies ({args.studies} baselines + TACE follow-ups), {args.size}x{args.size}, "

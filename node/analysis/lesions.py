@@ -7,18 +7,10 @@ hyper-enhancing in the arterial phase and wash out (hypo) in the delayed phase; 
 in every phase; lipiodol after TACE is very dense in every phase, the plain scan included.
 Bright in the portal venous phase (and not more so in the arterial one) means vessel, not tumour.
 
-Detection: hysteresis on the combined score. Delineation: per lesion, each voxel's partial-volume
-fraction is estimated by unmixing its deviation vector into the lesion's own signatures
-(matched filter over phases); the lesion is where that fraction is >= 0.5, the half-contrast
-level, and its voxel count is its volume. On 5 mm slices the half level samples a lesion's
-cross-section at the slice centres (Cavalieri's estimator: unbiased), unless the analysis
-moves the border itself. In-plane smoothing does: the half level of a Gaussian-smoothed image
-lies sigma^2 * curvature / 2 inside the border, so each closed contour loses pi * sigma^2 of
-area whatever its shape (5-15 % of a 10-20 mm lesion at the 1.5 mm detection smoothing). The
-border is therefore placed on a less smoothed fraction map and the remaining loss given back
-(:func:`_compensate_smoothing`). A partial-volume sum over a border band, blur-free in
-principle, was less accurate on the phantoms: it also counts what else lies in the band
-(vessel edges, a neighbour) and scales with the signature's error.
+Detection: hysteresis on the combined score; each candidate is then delineated at its
+half-contrast level by :mod:`node.analysis.delineate`. Within a slice or so of fat, lung or air
+above or below (the liver's dome and tip, a fissure, an organ's fat capsule), hypo-density is
+partial volume with that tissue, not evidence (:func:`near_fat_in_z`).
 """
 
 from __future__ import annotations
@@ -30,6 +22,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from node.analysis.delineate import PARAMS as DELINEATION
+from node.analysis.delineate import Evidence, compensate_smoothing, delineate, grow_box
 from node.analysis.liver import robust_stats
 from node.study.model import Geometry, Phase
 
@@ -57,9 +51,9 @@ PARAMS: dict[str, Any] = {
     "lipiodol_hu": 70.0,  # lipiodol: this much denser than liver in every phase...
     "lipiodol_z": 6.0,  # ...and this many SD
     "native_dense_z": 2.0,  # denser than liver on the plain scan by this many SD: not blood
-    "lipiodol_rim_voxels": 2,  # lipiodol's partial-volume rim, left out of tissue signatures
     "core_margin_mm": 2.0,  # seeds must lie this far inside the liver (surface partial volume)
     "search_margin_mm": 10.0,  # lesions may extend this far beyond the liver mask
+    "surface_shift_mm": 5.0,  # misalignment of the other phases across slices (about one)
     "vessel_margin_sigmas": 2.0,  # no seeds this close (x smoothing sigma) to blood pool
     "min_inside": 0.5,  # fraction of a lesion that must lie in the liver mask
     "min_volume_ml": 0.1,
@@ -69,11 +63,6 @@ PARAMS: dict[str, Any] = {
     "support_z": 2.0,  # ...a median deviation of this many SD in the tumour direction
     "tubular_fill": 0.4,  # small candidates filling less of their extent's disk are vessels
     "tubular_max_ml": 2.0,  # ...up to this volume
-    "half_level": 0.5,  # partial-volume fraction at the lesion border
-    "border_smooth_mm": 0.75,  # in-plane sigma of the fraction map that places the border
-    "border_reach_sigmas": 2.0,  # ...within this many detection sigmas of the first border
-    "core_percentile": 75.0,  # signature from the component's voxels above this percentile
-    "min_group_share": 0.1,  # a signature group needs this share of the core voxels
 }
 
 
@@ -114,6 +103,25 @@ def _inplane_distance(mask: np.ndarray, geometry: Geometry, inside: bool) -> np.
     return out
 
 
+def near_fat_in_z(body: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Soft-tissue voxels with fat, lung or air (not ``body``) close above or below them.
+
+    Where the liver's top or bottom surface is nearly parallel to the slices (the dome, the
+    tip, a fissure, an organ's fat capsule), a whole 5 mm slice through it is partly that
+    tissue: darker than liver in every phase without holding any lesion. The other phases
+    are aligned to the reference only to within about a slice, so how much darker differs
+    per phase and reaches one slice further. Hypo-density there is no lesion evidence; reach
+    one slice plus ``surface_shift_mm``.
+    """
+    reach = 1 + int(np.ceil(PARAMS["surface_shift_mm"] / geometry.spacing[0]))
+    outside = ~body
+    near = np.zeros(body.shape, dtype=bool)
+    for n in range(1, reach + 1):
+        near[:-n] |= outside[n:]
+        near[n:] |= outside[:-n]
+    return near & body
+
+
 def deviations(
     phases: Mapping[Phase, np.ndarray], liver: np.ndarray, region: np.ndarray,
     geometry: Geometry,
@@ -132,7 +140,7 @@ def deviations(
         sm = masked_smooth(arr, region, geometry, PARAMS["smooth_mm"])
         med, sd = robust_stats(sm[liver])
         devs[phase] = sm - np.float32(med)
-        fine[phase] = (masked_smooth(arr, region, geometry, PARAMS["border_smooth_mm"])
+        fine[phase] = (masked_smooth(arr, region, geometry, DELINEATION["border_smooth_mm"])
                        - np.float32(med))
         sds[phase] = max(sd, PARAMS["min_sd_hu"])
     return devs, fine, sds
@@ -197,8 +205,8 @@ def detect_lesions(
     labels = np.zeros(liver.shape, dtype=np.int32)
     if not liver.any():
         return LesionMaps(labels=labels)
-    box = _grow_box(ndimage.find_objects(liver.astype(np.int8))[0], liver.shape, geometry,
-                    PARAMS["search_margin_mm"] + 4.0 * PARAMS["smooth_mm"] + 3.0)
+    box = grow_box(ndimage.find_objects(liver.astype(np.int8))[0], liver.shape, geometry,
+                   PARAMS["search_margin_mm"] + 4.0 * PARAMS["smooth_mm"] + 3.0)
     box = (slice(max(box[0].start - 1, 0), min(box[0].stop + 1, liver.shape[0])), *box[1:])
     maps = _detect_in_box({p: a[box] for p, a in phases.items()}, liver[box], body[box],
                           geometry)
@@ -230,12 +238,19 @@ def _detect_in_box(
     core[1:-1] &= liver[:-2] & liver[2:]
     core[[0, -1]] = False
     devs, fine, sds = deviations(phases, core, search, geometry)
+    no_hypo = near_fat_in_z(body, geometry)
+    for phase in phases:
+        devs[phase] = np.where(no_hypo, np.maximum(devs[phase], 0.0), devs[phase])
+        fine[phase] = np.where(no_hypo, np.maximum(fine[phase], 0.0), fine[phase])
     score, vessel, lipiodol = evidence_vector(devs, sds)
     score[~search] = 0.0
     # Blurred / misregistered vessel borders look like arterial enhancement: no seeds there.
     near_vessel = _inplane_distance(vessel, geometry, inside=False) <= (
         PARAMS["vessel_margin_sigmas"] * PARAMS["smooth_mm"])
     seeds = (score > PARAMS["seed_z"]) & core & ~near_vessel
+    ev = Evidence(devs=devs, fine=fine, sds=sds, lipiodol=lipiodol, search=search & ~vessel,
+                  no_hypo=no_hypo, geometry=geometry, smooth_mm=PARAMS["smooth_mm"],
+                  min_score=PARAMS["seed_z"])
     labels, n = ndimage.label(seeds)
     boxes = ndimage.find_objects(labels)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -252,16 +267,15 @@ def _detect_in_box(
         seed = labels[sl] == lab
         if np.all((out[sl][seed] > 0) | rejected[sl][seed]):
             continue
-        region = _delineate(labels, lab, sl, devs, fine, sds, lipiodol, search & ~vessel,
-                            geometry)
-        if region is None:
+        found = delineate(labels, lab, sl, ev)
+        if found is None:
             continue
-        box, mask, border, frac = region
-        if not _accept(mask, liver[box], devs, sds, box, geometry, notes):
+        box, mask = found.box, found.mask
+        if not _accept(mask, liver[box], lipiodol[box], devs, sds, box, geometry, notes):
             rejected[box] |= mask
             continue
         free = search[box] & ~vessel[box] & (out[box] == 0)
-        border = _compensate_smoothing(border, frac, free, geometry)
+        border = compensate_smoothing(found.border, found.frac, free, geometry)
         if _paint_lesion(out, box, border, next_label):
             next_label += 1
     out = _compact_labels(out)
@@ -299,184 +313,6 @@ def _compact_labels(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _grow_box(sl: tuple[slice, ...], shape: tuple[int, ...], geometry: Geometry,
-              margin_mm: float) -> tuple[slice, ...]:
-    """Bounding box enlarged by ``margin_mm`` (at least one voxel) on every side."""
-    out = []
-    for s, n, sp in zip(sl, shape, geometry.spacing, strict=True):
-        m = max(1, int(np.ceil(margin_mm / sp)))
-        out.append(slice(max(0, s.start - m), min(n, s.stop + m)))
-    return tuple(out)
-
-
-def _delineate(
-    labels: np.ndarray, lab: int, sl: tuple[slice, ...], devs: Mapping[Phase, np.ndarray],
-    fine: Mapping[Phase, np.ndarray], sds: Mapping[Phase, float], lipiodol: np.ndarray,
-    search: np.ndarray, geometry: Geometry,
-) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray] | None:
-    """Half-contrast delineation of one candidate by matched filtering of its signatures.
-
-    ``search`` excludes vessels, so an adjacent enhancing vessel is not absorbed. The
-    candidate is delineated on ``devs`` (detection smoothing); its border is then placed
-    again on ``fine`` (border smoothing), see :func:`_place_border`.
-
-    Returns
-    -------
-    tuple or None
-        (bounding box, mask at the detection smoothing, mask at the border smoothing,
-        lesion fraction at the border smoothing), all in the box.
-    """
-    extent = max((s.stop - s.start) * sp for s, sp in zip(sl[1:], geometry.spacing[1:],
-                                                          strict=True))
-    box = _grow_box(sl, labels.shape, geometry, extent + 2 * PARAMS["smooth_mm"] + 3.0)
-    comp = labels[box] == lab
-    d = np.stack([devs[p][box] for p in devs])  # (phases, z, y, x)
-    w = np.array([1.0 / sds[p] ** 2 for p in devs], dtype=np.float32)
-    sigs = []
-    for group in _signature_groups(comp, d, lipiodol[box], list(devs)):
-        sig = np.median(d[:, group], axis=1)  # the group's plateau deviation per phase
-        # A weak signature would turn noise into large fractions: it must be seed-strong.
-        if float(np.sum(w * sig * sig)) >= PARAMS["seed_z"] ** 2:
-            sigs.append(sig)
-    if not sigs:
-        return None
-    sig_matrix = np.stack(sigs, axis=1)
-    mask = _half_level_region(unmix_fraction(d, sig_matrix, w), comp, search[box])
-    if mask is None:
-        return None
-    mask = _fill_holes(mask)
-    frac = unmix_fraction(np.stack([fine[p][box] for p in devs]), sig_matrix, w)
-    return box, mask, _place_border(frac, mask, search[box], geometry), frac
-
-
-def unmix_fraction(d: np.ndarray, sigs: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Lesion fraction per voxel by non-negative linear unmixing of the lesion's signatures.
-
-    Each voxel's deviation vector over the phases is modelled as a non-negative mix of the
-    lesion's signatures (columns of ``sigs``, e.g. enhancing tissue, necrosis, lipiodol) plus
-    liver (zero deviation); the lesion fraction is the sum of the mix weights. A voxel that is
-    part tissue, part blurred lipiodol then counts fully, where projecting on either signature
-    alone would leave it below the half level. Weighted least squares (weights ``w`` = 1 /
-    liver variance per phase), the non-negative solution found over every subset of
-    signatures (at most three, so at most seven small solves).
-    """
-    n_sig = sigs.shape[1]
-    flat = d.reshape(d.shape[0], -1)
-    best_res = np.full(flat.shape[1], np.inf, dtype=np.float32)
-    best_sum = np.zeros(flat.shape[1], dtype=np.float32)
-    for mask_bits in range(1, 2 ** n_sig):
-        cols = [i for i in range(n_sig) if mask_bits >> i & 1]
-        s = sigs[:, cols]
-        gram = s.T @ (w[:, None] * s)
-        if abs(np.linalg.det(gram)) < 1e-9:
-            continue
-        coef = np.linalg.solve(gram, (s.T * w) @ flat)  # (len(cols), voxels)
-        res = np.sum(w[:, None] * (flat - s @ coef) ** 2, axis=0)
-        ok = np.all(coef >= 0, axis=0) & (res < best_res)
-        best_res[ok] = res[ok]
-        best_sum[ok] = coef[:, ok].sum(axis=0)
-    return best_sum.reshape(d.shape[1:])
-
-
-def _half_level_region(frac: np.ndarray, comp: np.ndarray,
-                       search: np.ndarray) -> np.ndarray | None:
-    """Voxels at or above the half level that are connected to the seed component."""
-    inside = (frac >= PARAMS["half_level"]) & search
-    lab_in, _ = ndimage.label(inside)
-    keep = np.unique(lab_in[comp & inside])
-    mask = np.isin(lab_in, keep[keep > 0])
-    return mask if mask.any() else None
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Holes filled in 3D, then per slice (a slice of a lesion is one disk-like region)."""
-    mask = ndimage.binary_fill_holes(mask)
-    for k in range(mask.shape[0]):
-        mask[k] = ndimage.binary_fill_holes(mask[k])
-    return mask
-
-
-def _place_border(frac: np.ndarray, mask: np.ndarray, search: np.ndarray,
-                  geometry: Geometry) -> np.ndarray:
-    """The half level of the less smoothed fraction ``frac`` near the border of ``mask``.
-
-    Only voxels within reach of the detection smoothing (in plane, and one slice above and
-    below, where a slice cut near the lesion's pole may pass the half level once less
-    smoothed) can join; parts not touching ``mask`` are noise and are left out.
-    """
-    _, dy, dx = geometry.spacing
-    reach = PARAMS["border_reach_sigmas"] * PARAMS["smooth_mm"]
-    ry, rx = int(np.ceil(reach / dy)), int(np.ceil(reach / dx))
-    yy, xx = np.mgrid[-ry:ry + 1, -rx:rx + 1]
-    disk = (yy * dy) ** 2 + (xx * dx) ** 2 <= reach**2
-    zone = ndimage.binary_dilation(mask, structure=disk[None])
-    zone |= ndimage.binary_dilation(mask, structure=np.array([1, 1, 1], bool)[:, None, None])
-    region = _half_level_region(frac, mask, search & zone)
-    return mask if region is None else _fill_holes(region)
-
-
-def _compensate_smoothing(mask: np.ndarray, frac: np.ndarray, free: np.ndarray,
-                          geometry: Geometry) -> np.ndarray:
-    """Grow ``mask`` by the area that its in-plane smoothing took from each closed contour.
-
-    The half level of an image smoothed in plane with a Gaussian of SD sigma lies
-    sigma^2 * curvature / 2 inside the border (to first order), so each closed contour loses
-    pi * sigma^2 of area. That many voxels per contour (holes are filled, so each connected
-    region of a slice is one contour) are added: those of highest fraction among the free
-    in-plane neighbours, i.e. the half level lowered just enough.
-    """
-    _, dy, dx = geometry.spacing
-    eight = np.ones((3, 3), dtype=bool)
-    n_contours = sum(ndimage.label(plane, structure=eight)[1] for plane in mask if plane.any())
-    n_add = int(round(n_contours * np.pi * PARAMS["border_smooth_mm"] ** 2 / (dy * dx)))
-    ring = ndimage.binary_dilation(mask, structure=ndimage.generate_binary_structure(2, 1)[None])
-    ring &= free & ~mask
-    if n_add <= 0 or not ring.any():
-        return mask
-    idx = np.flatnonzero(ring)
-    best = idx[np.argsort(-frac.ravel()[idx], kind="stable")[:n_add]]
-    grown = mask.copy()
-    np.put(grown, best, True)
-    return grown
-
-
-def _signature_groups(comp: np.ndarray, d: np.ndarray, lipiodol: np.ndarray,
-                      phases: list[Phase]) -> list[np.ndarray]:
-    """Voxel groups of the lesion core with one signature each: lipiodol, enhancing, other.
-
-    The core is the strongest quarter of the component, so the signature is the plateau,
-    not the partial-volume border. Lipiodol and its blurred rim are set apart first: they
-    would otherwise be the strongest quarter and give the tumour tissue a lipiodol signature
-    under which it falls below the half level.
-    """
-    lip_all = comp & lipiodol
-    rim = ndimage.binary_dilation(lipiodol, iterations=PARAMS["lipiodol_rim_voxels"])
-    tissue = comp & ~rim
-    if tissue.sum() < 5:
-        tissue = comp & ~lipiodol
-    core = lip_all.copy()
-    if tissue.any():
-        # Ranked on a 3x3x3 mean, not on the voxel: ranking noisy voxels by their own
-        # magnitude selects positive noise and biases the signature (and the half level) up.
-        mag = ndimage.uniform_filter(np.sqrt(np.sum(d ** 2, axis=0)), size=3)[tissue]
-        core[tissue] = mag >= np.percentile(mag, PARAMS["core_percentile"])
-    groups: list[np.ndarray] = []
-    lip = core & lipiodol
-    rest = core & ~lipiodol
-    if Phase.ARTERIAL in phases:
-        art = d[phases.index(Phase.ARTERIAL)]
-        parts = [rest & (art > 0), rest & (art <= 0)]
-    else:
-        parts = [rest]
-    n_core = int(core.sum())
-    for g in [lip, *parts]:
-        if g.sum() >= max(5, PARAMS["min_group_share"] * n_core):
-            groups.append(g)
-    if not groups:
-        groups.append(comp)
-    return groups
-
-
 def _fill_ratio(mask: np.ndarray, geometry: Geometry) -> float:
     """Area on the slice of largest area over the disk spanned by its longest extent.
 
@@ -494,21 +330,29 @@ def _fill_ratio(mask: np.ndarray, geometry: Geometry) -> float:
     return float(ii.size * dy * dx / (np.pi / 4.0 * extent**2))
 
 
-def _phase_support(mask: np.ndarray, devs: Mapping[Phase, np.ndarray],
+def _phase_support(mask: np.ndarray, lipiodol: np.ndarray, devs: Mapping[Phase, np.ndarray],
                    sds: Mapping[Phase, float], box: tuple[slice, ...]) -> int:
-    """Number of phases whose median deviation over the candidate points the tumour way."""
+    """Number of phases whose median deviation over the candidate points the tumour way.
+
+    Lipiodol is dense in every phase, the plain scan included (see :func:`evidence_vector`):
+    a candidate holding some, or dense in every phase like a deposit too small and blurred
+    for the lipiodol map, has evidence in all of them. A small lesion filled with lipiodol
+    is mostly the deposit and its blur, hyper-dense where otherwise only hypo-density counts.
+    """
+    z = {p: float(np.median(d[box][mask])) / sds[p] for p, d in devs.items()}
+    if (mask & lipiodol).any() or all(v > PARAMS["support_z"] for v in z.values()):
+        return len(devs)
     n = 0
-    for phase, d in devs.items():
+    for phase in devs:
         hyper, hypo = DIRECTIONS.get(phase, (False, True))
-        z = float(np.median(d[box][mask])) / sds[phase]
-        if (hyper and z > PARAMS["support_z"]) or (hypo and z < -PARAMS["support_z"]):
+        if (hyper and z[phase] > PARAMS["support_z"]) or (hypo and z[phase] < -PARAMS["support_z"]):
             n += 1
     return n
 
 
-def _accept(mask: np.ndarray, liver: np.ndarray, devs: Mapping[Phase, np.ndarray],
-            sds: Mapping[Phase, float], box: tuple[slice, ...], geometry: Geometry,
-            notes: list[str]) -> bool:
+def _accept(mask: np.ndarray, liver: np.ndarray, lipiodol: np.ndarray,
+            devs: Mapping[Phase, np.ndarray], sds: Mapping[Phase, float],
+            box: tuple[slice, ...], geometry: Geometry, notes: list[str]) -> bool:
     """Size, location and contrast checks of one delineated lesion."""
     vol = float(mask.sum()) * geometry.voxel_volume_ml
     if vol < PARAMS["min_volume_ml"]:
@@ -521,7 +365,7 @@ def _accept(mask: np.ndarray, liver: np.ndarray, devs: Mapping[Phase, np.ndarray
         notes.append(f"candidate of {vol:.2f} ml rejected: tubular (vessel)")
         return False
     if (vol < PARAMS["small_ml"] and len(devs) > 1
-            and _phase_support(mask, devs, sds, box) < PARAMS["small_min_phases"]):
+            and _phase_support(mask, lipiodol, devs, sds, box) < PARAMS["small_min_phases"]):
         notes.append(f"candidate of {vol:.2f} ml rejected: seen in one phase only")
         return False
     contrast = max(abs(float(np.median(d[box][mask]))) for d in devs.values())

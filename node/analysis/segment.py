@@ -4,8 +4,8 @@ A backend turns the reference volume into a liver segmentation and the aligned p
 lesion label map. :func:`node.analysis.run.analyze` only talks to this interface, so another
 method (e.g. a learned one, once it can be tested and shipped without network access) plugs in
 without touching measurements, tracking or response. The default is the classical, CPU-only,
-weight-free and explainable method of :mod:`node.analysis.liver` and
-:mod:`node.analysis.lesions`.
+weight-free and explainable method of :mod:`node.analysis.liver`, :mod:`node.analysis.lesions`
+and :mod:`node.analysis.delineate`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class ClassicalBackend:
     """Histogram/morphology liver segmentation and multi-phase deviation lesion detection."""
 
     name = "liver-node classical"
-    version = "2"  # 2: lesion borders compensated for the in-plane smoothing
+    # 2: lesion borders compensated for the in-plane smoothing; 3: hypo-density next to fat in
+    # z is no lesion evidence, tissue measured across lipiodol, small dense lesions kept
+    version = "3"
 
     def segment_liver(self, array: np.ndarray, geometry: Geometry,
                       exclude: np.ndarray | None = None) -> LiverSegmentation:
