@@ -10,11 +10,13 @@ Sends the same study of N CT images (512 x 512 int16, default 300) with DCMTK's 
 4. the node (``python -m node.ingest.standalone``: the real listener with its durable spool,
    without the analysis),
 
-on one association, then to the node on 4 concurrent associations, then checks the node's
-RSS growth over ``--rss-instances`` further instances (new UIDs each round). Prints
-instances/s, the ratio and the bars of issue #3::
+on one association, one after the other in each of ``--rounds`` rounds (a new study, new UIDs,
+per round), so that every receiver sees the same machine load; then to the node on 4
+concurrent associations, then checks the node's RSS growth over ``--rss-instances`` further
+instances. Prints the median instances/s, the median per-round ratio to storescp and the bars
+of issue #3::
 
-    .venv/bin/python benchmarks/ingest.py [--images 300] [--rss-instances 3000]
+    .venv/bin/python benchmarks/ingest.py [--images 300] [--rounds 3] [--rss-instances 3000]
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +113,8 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def pynetdicom_floor(paths: list[Path], fast: bool) -> float:
-    """Seconds to send ``paths`` to a pynetdicom SCP whose handler stores nothing.
+def start_floor(stack: ExitStack, fast: bool) -> int:
+    """Start a pynetdicom SCP whose handler stores nothing; returns its port.
 
     ``fast``: with the node's acceptor (node/ingest/fastpath.py), the ceiling of the node on
     this machine; else pynetdicom's stock acceptor. Both set TCP_NODELAY as the node does.
@@ -133,86 +137,96 @@ def pynetdicom_floor(paths: list[Path], fast: bool) -> float:
         start_server(ae, ("127.0.0.1", port), handlers)
     else:
         ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
-    try:
-        return send(paths, port, "FLOOR")
-    finally:
-        ae.shutdown()
+    stack.callback(ae.shutdown)
+    return port
 
 
-def start_node(work: Path, sync: bool = True) -> tuple[subprocess.Popen[bytes], int]:
+def start_node(stack: ExitStack, work: Path, sync: bool = True
+               ) -> tuple[subprocess.Popen[bytes], int]:
+    name = "node" if sync else "node-nosync"
     port = free_port()
-    config = work / "node.toml"
-    spool = work / ("spool" if sync else "spool-nosync")
-    config.write_text(f'port = {port}\nspool_dir = "{spool}"\nstable_seconds = 3600\n'
+    config = work / f"{name}.toml"
+    config.write_text(f'port = {port}\nspool_dir = "{work / name}"\nstable_seconds = 3600\n'
                       f"max_associations = 8\nsync_writes = {str(sync).lower()}\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.ingest.standalone", "--config", str(config),
-         "--marker", str(work / "marker.txt")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "wb"),  # noqa: SIM115
+         "--marker", str(work / f"{name}.marker")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.log", "wb"),  # noqa: SIM115
     )
+    stack.callback(_stop, proc)
     wait_port(port)
     return proc, port
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+TARGETS = {  # name -> label
+    "storescp": "DCMTK storescp (reference)   ",
+    "stock": "pynetdicom no-op SCP, stock  ",
+    "ceiling": "pynetdicom no-op SCP, node's ",
+    "nosync": "node, sync_writes=false      ",
+    "node": "node                         ",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all receivers, interleaved; medians are reported")
     p.add_argument("--rss-instances", type=int, default=3000)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
-        work = Path(tmp)
-        paths = write_study(work / "src", args.images)
-        mb = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"study: {len(paths)} images 512x512 int16, {mb:.0f} MB")
-
-        scp_port = free_port()
-        (work / "scp").mkdir()
-        scp = subprocess.Popen([str(STORESCP), "-aet", "STORESCP", "-od", str(work / "scp"),
-                                str(scp_port)], env=ENV, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(scp_port)
-            t_scp = send(paths, scp_port, "STORESCP")
-        finally:
-            scp.terminate()
-            scp.wait(10)
-        t_stock = pynetdicom_floor(paths, fast=False)
-        t_floor = pynetdicom_floor(paths, fast=True)
-        node, port = start_node(work, sync=False)
-        try:
-            t_nosync = send(paths, port, "LIVERNODE")
-        finally:
-            node.terminate()
-            node.wait(30)
-        node, port = start_node(work)
-        try:
-            t_node = send(paths, port, "LIVERNODE")
-            paths = write_study(work / "src", args.images)
-            t_node4 = send(paths, port, "LIVERNODE", associations=4)
-            rss0 = rss_mb(node.pid)
-            sent = 0
-            while sent < args.rss_instances:
-                paths = write_study(work / "src", min(args.images, args.rss_instances - sent))
-                send(paths, port, "LIVERNODE", associations=4)
-                sent += len(paths)
-            rss1 = rss_mb(node.pid)
-        finally:
-            node.terminate()
-            node.wait(30)
     n = args.images
-    scp_rate, node_rate, node4_rate = n / t_scp, n / t_node, n / t_node4
-    ratio = node_rate / scp_rate
-    print(f"DCMTK storescp, 1 association : {scp_rate:7.1f} inst/s ({t_scp:.2f} s)")
-    print(f"pynetdicom no-op SCP, stock   : {n / t_stock:7.1f} inst/s ({t_stock:.2f} s, "
-          f"{t_scp / t_stock:.2f} x storescp)")
-    print(f"pynetdicom no-op SCP, node's  : {n / t_floor:7.1f} inst/s ({t_floor:.2f} s, "
-          f"{t_scp / t_floor:.2f} x storescp; the ceiling of the node)")
-    print(f"node, sync_writes=false       : {n / t_nosync:7.1f} inst/s ({t_nosync:.2f} s, "
-          f"{t_scp / t_nosync:.2f} x storescp; not power-loss safe)")
-    print(f"node, 1 association           : {node_rate:7.1f} inst/s ({t_node:.2f} s)")
-    print(f"node, 4 associations (total)  : {node4_rate:7.1f} inst/s ({t_node4:.2f} s)")
-    print(f"ratio node/storescp           : {ratio:.2f}  (bar >= 0.5: "
-          f"{'PASS' if ratio >= 0.5 else 'FAIL'})")
-    print(f"4 assoc >= 1 assoc            : {'PASS' if node4_rate >= node_rate else 'FAIL'}")
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        paths = write_study(work / "src", n)
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"study: {len(paths)} images 512x512 int16, {mb:.0f} MB; {args.rounds} rounds")
+        scp_dir = work / "scp"
+        scp_dir.mkdir()
+        scp_port = free_port()
+        scp = subprocess.Popen([str(STORESCP), "-aet", "STORESCP", "-od", str(scp_dir),
+                                str(scp_port)], env=ENV, stderr=subprocess.DEVNULL)
+        stack.callback(_stop, scp)
+        wait_port(scp_port)
+        ports = {"storescp": (scp_port, "STORESCP"),
+                 "stock": (start_floor(stack, fast=False), "FLOOR"),
+                 "ceiling": (start_floor(stack, fast=True), "FLOOR"),
+                 "nosync": (start_node(stack, work, sync=False)[1], "LIVERNODE")}
+        node, node_port = start_node(stack, work)
+        ports["node"] = (node_port, "LIVERNODE")
+        seconds: dict[str, list[float]] = {name: [] for name in ports}
+        for r in range(args.rounds):
+            if r:
+                paths = write_study(work / "src", n)  # new UIDs: no duplicates
+            for name, (port, called) in ports.items():
+                seconds[name].append(send(paths, port, called))
+            for old in scp_dir.iterdir():
+                old.unlink()
+        paths = write_study(work / "src", n)
+        t_node4 = send(paths, node_port, "LIVERNODE", associations=4)
+        rss0 = rss_mb(node.pid)
+        sent = 0
+        while sent < args.rss_instances:
+            paths = write_study(work / "src", min(n, args.rss_instances - sent))
+            send(paths, node_port, "LIVERNODE", associations=4)
+            sent += len(paths)
+        rss1 = rss_mb(node.pid)
+    rate = {name: n / statistics.median(t) for name, t in seconds.items()}
+    # Per-round ratio to storescp (sent right before), then the median over rounds.
+    ratio = {name: statistics.median(s / t for s, t in zip(seconds["storescp"], ts, strict=True))
+             for name, ts in seconds.items()}
+    for name, label in TARGETS.items():
+        note = "" if name == "storescp" else f", {ratio[name]:.2f} x storescp"
+        print(f"{label}: {rate[name]:7.1f} inst/s (median of {args.rounds}{note})")
+    node4 = n / t_node4
+    print(f"node, 4 associations (total)  : {node4:7.1f} inst/s")
+    print(f"ratio node/storescp           : {ratio['node']:.2f}  (bar >= 0.5: "
+          f"{'PASS' if ratio['node'] >= 0.5 else 'FAIL'})")
+    print(f"4 assoc >= 1 assoc            : {'PASS' if node4 >= rate['node'] else 'FAIL'}")
     growth = rss1 - rss0
     print(f"RSS over {sent} instances     : {rss0:.0f} -> {rss1:.0f} MB, growth {growth:.1f} MB "
           f"(bar < 50: {'PASS' if growth < 50 else 'FAIL'})")
