@@ -162,7 +162,7 @@ def segment_liver(array: np.ndarray, geometry: Geometry,
     mask = _seed_and_regrow(window, geometry)
     if mask.sum() * geometry.voxel_volume_ml < PARAMS["min_liver_ml"]:
         raise ValueError("no liver-sized region found in the reference volume")
-    mask = _fill_and_close(mask, body, geometry)
+    mask = fill_and_close(mask, body, geometry)
     med, sd = robust_stats(sm[mask & window])
     envelope = refine_border(mask, sm, body, geometry, med, med + half)
     return LiverSegmentation(mask=mask, median_hu=med, sd_hu=max(sd, 1.0), envelope=envelope)
@@ -332,7 +332,7 @@ def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.isin(labels, keep[keep > 0])
 
 
-def _fill_and_close(mask: np.ndarray, body: np.ndarray, geometry: Geometry) -> np.ndarray:
+def fill_and_close(mask: np.ndarray, body: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Fill holes (3D, then per slice) and close notches per slice, inside the body."""
     _, dy, dx = geometry.spacing
     mask = fill_holes(mask)

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from node.analysis.enhancement import characterise, phase_context
 from node.analysis.liver import LiverSegmentation, blood_pool, body_mask, smooth_inplane
+from node.analysis.liver_dense import include_deposits
 from node.analysis.measure import liver_summary, measure_lesion
 from node.analysis.register import REGISTRATION_PIXEL_MM, align_to_reference
 from node.analysis.response import assess_response
@@ -84,6 +85,7 @@ def analyze(study: Study, prior: PriorStudy | None = None,
     alignments: list[PhaseAlignment] = []
     phases = align_phases(study, liver, notes, alignments)
     liver = exclude_blood_pool(seg, ref.array, geom, liver, phases, notes)
+    liver = with_deposits(liver, ref.array, geom, phases, notes)
     notes.append(f"liver {liver.median_hu:.0f} HU (SD {liver.sd_hu:.1f})")
     soft = body_mask(ref.array) & (smooth_inplane(ref.array, geom, 1.5) > SOFT_TISSUE_HU)
     maps = seg.detect_lesions(phases, liver.mask, soft, geom)
@@ -196,6 +198,22 @@ def exclude_blood_pool(seg: SegmentationBackend, array: np.ndarray, geometry: Ge
     notes.append(f"blood pool excluded ({100 * share:.0f} % of the first mask): liver "
                  f"{liver.mask.sum() * vox:.0f} -> {again.mask.sum() * vox:.0f} ml")
     return again
+
+
+def with_deposits(liver: LiverSegmentation, array: np.ndarray, geometry: Geometry,
+                  phases: dict[Phase, np.ndarray], notes: list[str]) -> LiverSegmentation:
+    """The liver with the dense deposits (lipiodol) it encloses or touches.
+
+    Whatever the backend, a deposit outside the liver mask could never be counted in its
+    tumour. The aligned native phase tells deposits from enhancement
+    (:mod:`node.analysis.liver_dense`).
+    """
+    out = include_deposits(liver, array, phases.get(Phase.NATIVE), geometry)
+    if out is not liver:
+        vox = geometry.voxel_volume_ml
+        notes.append(f"dense deposits included: liver {liver.mask.sum() * vox:.0f} -> "
+                     f"{out.mask.sum() * vox:.0f} ml")
+    return out
 
 
 def relabel(labels: np.ndarray, lesions: list[LesionMeasurement]
