@@ -53,7 +53,6 @@ PARAMS: dict[str, Any] = {
     "native_dense_z": 2.0,  # denser than liver on the plain scan by this many SD: not blood
     "core_margin_mm": 2.0,  # seeds must lie this far inside the liver (surface partial volume)
     "search_margin_mm": 10.0,  # lesions may extend this far beyond the liver mask
-    "surface_shift_mm": 5.0,  # misalignment of the other phases across slices (about one)
     "vessel_margin_sigmas": 2.0,  # no seeds this close (x smoothing sigma) to blood pool
     "min_inside": 0.5,  # fraction of a lesion that must lie in the liver mask
     "min_volume_ml": 0.1,
@@ -103,22 +102,22 @@ def _inplane_distance(mask: np.ndarray, geometry: Geometry, inside: bool) -> np.
     return out
 
 
-def near_fat_in_z(body: np.ndarray, geometry: Geometry) -> np.ndarray:
+def near_fat_in_z(body: np.ndarray) -> np.ndarray:
     """Soft-tissue voxels with fat, lung or air (not ``body``) close above or below them.
 
     Where the liver's top or bottom surface is nearly parallel to the slices (the dome, the
     tip, a fissure, an organ's fat capsule), a whole 5 mm slice through it is partly that
-    tissue: darker than liver in every phase without holding any lesion. The other phases
-    are aligned to the reference only to within about a slice, so how much darker differs
-    per phase and reaches one slice further. Hypo-density there is no lesion evidence; reach
-    one slice plus ``surface_shift_mm``.
+    tissue: darker than liver in every phase without holding any lesion. Hypo-density there
+    is no lesion evidence: in the slice next to such tissue, above or below. Version 3 also
+    reached over the other phases' residual misalignment (+5 mm): on the real HCC_007
+    baseline (2.5 mm slices) that erased the hypo-dense part of a tumour under the dome
+    (386 -> 85 ml), while on the 5 mm phantom suite one slice does as well (p90 |volume
+    error| 14.6 % either way).
     """
-    reach = 1 + int(np.ceil(PARAMS["surface_shift_mm"] / geometry.spacing[0]))
     outside = ~body
     near = np.zeros(body.shape, dtype=bool)
-    for n in range(1, reach + 1):
-        near[:-n] |= outside[n:]
-        near[n:] |= outside[:-n]
+    near[:-1] |= outside[1:]
+    near[1:] |= outside[:-1]
     return near & body
 
 
@@ -238,7 +237,7 @@ def _detect_in_box(
     core[1:-1] &= liver[:-2] & liver[2:]
     core[[0, -1]] = False
     devs, fine, sds = deviations(phases, core, search, geometry)
-    no_hypo = near_fat_in_z(body, geometry)
+    no_hypo = near_fat_in_z(body)
     for phase in phases:
         devs[phase] = np.where(no_hypo, np.maximum(devs[phase], 0.0), devs[phase])
         fine[phase] = np.where(no_hypo, np.maximum(fine[phase], 0.0), fine[phase])
