@@ -77,7 +77,7 @@ def test_distance_through_slices_matches_3d_transform(spacing: tuple[float, floa
                                                       ) -> None:
     window = _blobs(1, (20, 50, 60), level=-0.1)
     geometry = _geometry(spacing, window.shape)  # type: ignore[arg-type]
-    dist = L._edt_slices(window, geometry)
+    dist = L.edt_slices(window, geometry)
     for r in (2.5, 4.0, 6.0):
         expected = ndimage.distance_transform_edt(window, sampling=spacing) > r
         assert np.array_equal(L._farther_than(dist, spacing[0], r), expected), r

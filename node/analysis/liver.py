@@ -70,12 +70,12 @@ def smooth_inplane(array: np.ndarray, geometry: Geometry, sigma_mm: float,
     if box is None:
         return ndimage.gaussian_filter(array, sigma=sigma, truncate=GAUSS_TRUNCATE)
     # scipy's kernel radius is int(truncate * sigma + 0.5) pixels.
-    outer, inner = _with_reach(box, [int(GAUSS_TRUNCATE * sd + 0.5) + 1 if sd > 0 else 0
+    outer, inner = with_reach(box, [int(GAUSS_TRUNCATE * sd + 0.5) + 1 if sd > 0 else 0
                                      for sd in sigma], array.shape)
     return ndimage.gaussian_filter(array[outer], sigma=sigma, truncate=GAUSS_TRUNCATE)[inner]
 
 
-def _with_reach(box: tuple[slice, ...], reach: list[int], shape: tuple[int, ...]
+def with_reach(box: tuple[slice, ...], reach: list[int], shape: tuple[int, ...]
                 ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """``box`` grown by ``reach`` voxels per axis (within ``shape``), and where ``box`` lies
     in it: a filter of that reach computed on the grown box is exact on ``box``."""
@@ -243,9 +243,9 @@ def refine_border(mask: np.ndarray, sm: np.ndarray, body: np.ndarray, geometry: 
     rings = int(PARAMS["border_rings"])
     # Everything happens within ``rings`` voxels of the mask: work on that box only (the
     # minimum filter on it grown by the filter's reach), exactly as on the whole volume.
-    box, _ = _with_reach(ndimage.find_objects(mask.view(np.uint8))[0], [rings] * 3, mask.shape)
+    box, _ = with_reach(ndimage.find_objects(mask.view(np.uint8))[0], [rings] * 3, mask.shape)
     reach = [0, int(np.ceil(r / dy)), int(np.ceil(r / dx))]
-    outer, inner = _with_reach(box, reach, mask.shape)
+    outer, inner = with_reach(box, reach, mask.shape)
     size = [2 * n + 1 for n in reach]
     outside = ndimage.minimum_filter(np.where(body[outer], sm[outer], np.float32(liver_hu)),
                                      size=size)[inner]
@@ -271,7 +271,7 @@ def _histogram_region(body: np.ndarray, geometry: Geometry) -> np.ndarray:
     ks = np.nonzero(body.any(axis=(1, 2)))[0]
     zs = z_k[ks]
     z_cut = zs.min() + (zs.max() - zs.min()) / 3.0
-    dist = _edt_slices(body, geometry)
+    dist = edt_slices(body, geometry)
     for k in ks:
         if z_k[k] < z_cut:
             continue
@@ -300,7 +300,7 @@ def _histogram_mode(values: np.ndarray) -> float:
 def _seed_and_regrow(window: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Erode, keep the largest component on the patient's right, grow back in the window."""
     _, dy, dx = geometry.spacing
-    dist = _edt_slices(window, geometry)
+    dist = edt_slices(window, geometry)
     # Through the slices too: the heart rests on the liver dome across the thin diaphragm.
     core = (dist > PARAMS["erode_mm"]) & _farther_than(dist, geometry.spacing[0],
                                                        PARAMS["erode_z_mm"])
@@ -356,7 +356,7 @@ def fill_and_close(mask: np.ndarray, body: np.ndarray, geometry: Geometry) -> np
     return out
 
 
-def _edt_slices(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+def edt_slices(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Per-slice in-plane distance of every mask voxel to the nearest background voxel.
 
     Exact, but computed only inside the mask's in-plane bounding box grown by one voxel
@@ -375,7 +375,7 @@ def _edt_slices(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def _farther_than(dist: np.ndarray, dz: float, r: float) -> np.ndarray:
     """Voxels whose 3D distance to the background exceeds ``r`` (mm), from the per-slice
-    in-plane distances ``dist`` (:func:`_edt_slices`; 0 on the background).
+    in-plane distances ``dist`` (:func:`edt_slices`; 0 on the background).
 
     The nearest background voxel lies in some slice ``k + d``, at ``(d dz)^2 + dist[k+d]^2``
     squared; only slices within ``r`` can hold one closer than ``r``. This is the 3D

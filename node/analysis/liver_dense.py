@@ -30,11 +30,11 @@ from scipy.spatial import ConvexHull, QhullError
 from node.analysis.liver import (
     PARAMS,
     LiverSegmentation,
-    _edt_slices,
-    _with_reach,
     body_mask,
+    edt_slices,
     fill_and_close,
     smooth_inplane,
+    with_reach,
 )
 from node.study.model import Geometry
 
@@ -60,7 +60,7 @@ def include_deposits(liver: LiverSegmentation, array: np.ndarray, native: np.nda
         return liver
     spacing = geometry.spacing
     reach = [int(np.ceil(DEPOSIT["margin_mm"] / s)) for s in spacing]
-    box, _ = _with_reach(ndimage.find_objects(liver.mask.view(np.uint8))[0], reach,
+    box, _ = with_reach(ndimage.find_objects(liver.mask.view(np.uint8))[0], reach,
                          liver.mask.shape)
     mask = liver.mask[box]
     sigma = PARAMS["smooth_mm"]
@@ -101,7 +101,7 @@ def _split_at_thin_contacts(dense: np.ndarray, geometry: Geometry) -> tuple[np.n
     """
     _, dy, dx = geometry.spacing
     cut = max(DEPOSIT["bridge_mm"], dy, dx)  # at least the border pixel, on coarse grids
-    labels, n = ndimage.label(_edt_slices(dense, geometry) > cut)
+    labels, n = ndimage.label(edt_slices(dense, geometry) > cut)
     inplane = ndimage.generate_binary_structure(3, 1)
     inplane[[0, 2]] = False
     for _ in range(int(np.ceil(cut / min(dy, dx))) + 1):
@@ -138,7 +138,7 @@ def _near(mask: np.ndarray, geometry: Geometry, r: float) -> np.ndarray:
     """Voxels within ``r`` mm of ``mask``: in plane, and in the slices within ``r``."""
     dz = geometry.spacing[0]
     occupied = np.asarray(mask.any(axis=(1, 2)))  # a slice without mask has no distances
-    out = (_edt_slices(~mask, geometry) <= r) & occupied[:, None, None]
+    out = (edt_slices(~mask, geometry) <= r) & occupied[:, None, None]
     for d in range(1, int(r // dz) + 1):
         out[d:] |= mask[:-d]
         out[:-d] |= mask[d:]
