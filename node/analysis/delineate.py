@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from node.analysis.liver import with_reach
 from node.study.model import Geometry, Phase
 
 PARAMS: dict[str, Any] = {
@@ -77,11 +78,8 @@ class Delineation:
 def grow_box(sl: tuple[slice, ...], shape: tuple[int, ...], geometry: Geometry,
              margin_mm: float) -> tuple[slice, ...]:
     """Bounding box enlarged by ``margin_mm`` (at least one voxel) on every side."""
-    out = []
-    for s, n, sp in zip(sl, shape, geometry.spacing, strict=True):
-        m = max(1, int(np.ceil(margin_mm / sp)))
-        out.append(slice(max(0, s.start - m), min(n, s.stop + m)))
-    return tuple(out)
+    reach = [max(1, int(np.ceil(margin_mm / sp))) for sp in geometry.spacing]
+    return with_reach(sl, reach, shape)[0]
 
 
 def delineate(labels: np.ndarray, lab: int, sl: tuple[slice, ...],

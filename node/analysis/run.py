@@ -14,7 +14,13 @@ import numpy as np
 from scipy import ndimage
 
 from node.analysis.enhancement import characterise, phase_context
-from node.analysis.liver import LiverSegmentation, blood_pool, body_mask, smooth_inplane
+from node.analysis.liver import (
+    LiverSegmentation,
+    blood_pool,
+    body_mask,
+    smooth_inplane,
+    with_reach,
+)
 from node.analysis.liver_dense import include_deposits
 from node.analysis.measure import liver_summary, measure_lesion
 from node.analysis.register import REGISTRATION_PIXEL_MM, align_to_reference
@@ -238,8 +244,7 @@ def _dilate_mm(mask: np.ndarray, geometry: Geometry, margin_mm: float) -> np.nda
         return np.ones_like(mask)
     box = ndimage.find_objects(mask.astype(np.int8))[0]
     reach = [int(np.ceil(margin_mm / s)) + 1 for s in geometry.spacing]
-    grown = tuple(slice(max(b.start - r, 0), min(b.stop + r, n))
-                  for b, r, n in zip(box, reach, mask.shape, strict=True))
+    grown, _ = with_reach(box, reach, mask.shape)
     out = np.zeros_like(mask)
     out[grown] = ndimage.distance_transform_edt(~mask[grown],
                                                 sampling=geometry.spacing) <= margin_mm
