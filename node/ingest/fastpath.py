@@ -51,6 +51,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from node.ingest.part10 import padded
+
 logger = logging.getLogger(__name__)
 
 PYNETDICOM_VERSION = "3.0.4"
@@ -89,11 +91,6 @@ def _element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, tag, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def encode_store_response(rsp: C_STORE) -> bytes | None:
     """The command set of a C-STORE-RSP (PS3.7 9.3.1.2), or None if ``rsp`` carries an Error
     Comment or Offending Element (left to pynetdicom's general encoder)."""
@@ -101,12 +98,13 @@ def encode_store_response(rsp: C_STORE) -> bytes | None:
             or rsp.OffendingElement is not None or not isinstance(rsp.Status, int)):
         return None
     elements = b"".join((
-        _element(0x0002, _uid(str(rsp.AffectedSOPClassUID))) if rsp.AffectedSOPClassUID else b"",
+        (_element(0x0002, padded(str(rsp.AffectedSOPClassUID), b"\x00"))
+         if rsp.AffectedSOPClassUID else b""),
         _element(0x0100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
         _element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
         _element(0x0800, struct.pack("<H", 0x0101)),  # Command Data Set Type: no data set
         _element(0x0900, struct.pack("<H", rsp.Status)),
-        (_element(0x1000, _uid(str(rsp.AffectedSOPInstanceUID)))
+        (_element(0x1000, padded(str(rsp.AffectedSOPInstanceUID), b"\x00"))
          if rsp.AffectedSOPInstanceUID else b""),
     ))
     return _element(0x0000, struct.pack("<I", len(elements))) + elements

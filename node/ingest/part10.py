@@ -24,7 +24,8 @@ def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
 
 
-def _padded(value: str, pad: bytes) -> bytes:
+def padded(value: str, pad: bytes) -> bytes:
+    """``value`` in ASCII, padded with ``pad`` to an even length (PS3.5 6.2)."""
     raw = value.encode("ascii")
     return raw + pad if len(raw) % 2 else raw
 
@@ -45,12 +46,12 @@ def file_meta_header(
     """
     elements = b"".join((
         _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
-        _element(0x0002, 0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-        _element(0x0002, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
-        _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
-        _element(0x0002, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
-        _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-        *([_element(0x0002, 0x0016, b"AE", _padded(source_ae[:16], b" "))] if source_ae else []),
+        _element(0x0002, 0x0002, b"UI", padded(sop_class_uid, b"\x00")),
+        _element(0x0002, 0x0003, b"UI", padded(sop_instance_uid, b"\x00")),
+        _element(0x0002, 0x0010, b"UI", padded(transfer_syntax_uid, b"\x00")),
+        _element(0x0002, 0x0012, b"UI", padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _element(0x0002, 0x0013, b"SH", padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+        *([_element(0x0002, 0x0016, b"AE", padded(source_ae[:16], b" "))] if source_ae else []),
     ))
     length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(elements)))
     return b"\x00" * 128 + b"DICM" + length + elements
