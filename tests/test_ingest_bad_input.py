@@ -32,7 +32,7 @@ from node.archive.dimse import echo, set_nodelay
 from node.config import Settings
 from node.errors import ArchiveError
 from node.ingest import NodeServer
-from tests.conftest import make_ct_series
+from tests.conftest import make_ct_series, wait_until
 
 
 @pytest.fixture
@@ -136,6 +136,7 @@ def test_bad_input_is_refused_quarantined_and_listener_serves(
         assert fragment in text
     assert echo(ae_title="LIVERNODE", host="127.0.0.1", port=node.port, calling_aet="X") == 0
     assert node.metrics.refused == {0xC212: 1, 0xA900: 1, 0xC211: 1, 0xC213: 2}
+    assert not any(node.spool.incoming_dir.iterdir())  # refused: no temporary file left
 
 
 def _assert_answers_echo(node: NodeServer) -> None:
@@ -194,3 +195,4 @@ def test_fuzz_listener_survives_and_acknowledged_instances_are_intact(
     _assert_answers_echo(node)
     for record in node.spool.instances(_GOOD.StudyInstanceUID):
         assert hashlib.sha256(record.path.read_bytes()).hexdigest() == record.sha256
+    assert wait_until(lambda: not any(node.spool.incoming_dir.iterdir()), 5.0)

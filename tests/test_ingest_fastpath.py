@@ -30,6 +30,7 @@ from node.ingest.fastpath import (
     NodeAssociation,
     NodeAssociationSocket,
     NodeDIMSEServiceProvider,
+    NodeDUL,
     drop_debug_handlers,
     encode_store_response,
     parse_store_request,
@@ -80,15 +81,16 @@ def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
 
 def test_accepted_associations_use_the_fast_parts(start_node: NodeFactory) -> None:
     node = start_node(lambda uid, path: None)
-    seen: list[tuple[type, type, type, float]] = []
+    seen: list[tuple[type, type, type, type, bool]] = []
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
     try:
         assert assoc.is_established
         for acceptor in node.ae.active_associations:
+            dul = cast(NodeDUL, acceptor.dul)
             seen.append((type(acceptor), type(acceptor.dul.socket), type(acceptor.dimse),
-                         acceptor.dul._run_loop_delay))
+                         type(dul), dul._wake_r >= 0))  # its thread runs the node's loop
             # pynetdicom's per-message debug formatting is off (its logger is not at DEBUG)
             assert not acceptor.get_handlers(evt.EVT_DIMSE_SENT)
             assert not acceptor.get_handlers(evt.EVT_DIMSE_RECV)
@@ -97,8 +99,8 @@ def test_accepted_associations_use_the_fast_parts(start_node: NodeFactory) -> No
     finally:
         assoc.release()
     assert seen and all(a is NodeAssociation and s is NodeAssociationSocket
-                        and p is NodeDIMSEServiceProvider and d < 0.001
-                        for a, s, p, d in seen), seen
+                        and p is NodeDIMSEServiceProvider and d is NodeDUL and waking
+                        for a, s, p, d, waking in seen), seen
 
 
 @pytest.mark.parametrize(("status", "sop_class", "sop_instance"), [

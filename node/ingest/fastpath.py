@@ -20,21 +20,36 @@ Measured with py-spy on a listener whose C-STORE handler stores nothing (pynetdi
   complete C-STORE request waits 0.5 ms on average (up to 1 ms) before the handler runs, and
   storescu waits for the response before it sends the next instance.
   :class:`NodeAssociation` blocks on the queue instead: a request is served when it is complete.
+- The network (DUL) thread sleeps between looks at the socket and at the queue of PDUs to send
+  (1 ms in pynetdicom), so the C-STORE response and the next request each wait for the end of
+  a sleep. :class:`NodeDUL` waits in ``select`` on the socket and on a wake-up pipe written
+  when a PDU is queued: it acts as soon as either has something.
+
+- pynetdicom hands a C-STORE data set over when it is complete, so its whole write, hash
+  and sync come after the last byte arrived, one after the other, while storescu waits. With
+  a ``sink_factory`` (:func:`start_server`) each fragment goes to a :class:`StoreSink` as it
+  arrives, on the network thread (writing it while the peer sends the next), and after the
+  last one that thread syncs the sink while the handler thread checks the data set; the
+  request carries its sink as ``request._node_sink``.
 
 Everything else (state machine, events, checks for release / abort / network timeout) is
-pynetdicom's; the reactor loop below is a copy of 3.0.4's with only the wait changed, which is
-why ``pyproject.toml`` pins that version (a test checks the pin).
+pynetdicom's; the two reactor loops below are copies of 3.0.4's with only the waits changed,
+which is why ``pyproject.toml`` pins that version (a test checks the pin).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import select
+import ssl
 import struct
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pynetdicom import AE, evt
@@ -47,6 +62,8 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -62,9 +79,119 @@ REACTOR_WAIT = 0.001
 """Seconds the reactor waits for a DIMSE message before it checks release, abort and timeouts
 (pynetdicom sleeps this long unconditionally)."""
 
-DUL_LOOP_DELAY = 0.0002
-"""Idle delay of the network (DUL) thread's loop; pynetdicom's is 1 ms. It bounds how long a
-C-STORE response waits before it is sent."""
+DUL_WAIT = 0.005
+"""Longest wait of the network (DUL) thread for the socket or a PDU to send before it checks
+its timers and whether it was stopped; pynetdicom sleeps 1 ms unconditionally."""
+
+
+class StoreSink(Protocol):
+    """Where the fragments of one C-STORE data set go as they arrive (network thread)."""
+
+    def write(self, data: memoryview) -> None:
+        """Append a fragment; must not raise (keep errors for whoever uses the sink)."""
+
+    def finish(self) -> None:
+        """All fragments were written (make them durable); must not raise."""
+
+    def discard(self) -> None:
+        """The request will not be served (abort, lost connection): drop what was written."""
+
+
+SinkFactory = Callable[[Association, C_STORE, str], "StoreSink | None"]
+"""Makes the sink of a C-STORE request: (association, request, transfer syntax UID)."""
+
+
+class NodeDUL(DULServiceProvider):
+    """A DUL provider whose thread waits on its socket and on queued PDUs, never sleeps blind.
+
+    The wake-up pipe is created when the thread starts and closed when it ends.
+    """
+
+    _wake_r: int = -1
+    _wake_w: int = -1
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:  # the pipe is full (the thread wakes anyway) or already closed
+                pass
+
+    def _wait(self) -> None:
+        """Until the socket is readable, a PDU was queued, or :data:`DUL_WAIT` passed."""
+        if not self.to_provider_queue.empty():
+            return
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is None or sock.fileno() < 0:
+            time.sleep(DUL_WAIT)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes select() cannot see (pynetdicom #528)
+        try:
+            ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [], DUL_WAIT)
+        except (OSError, ValueError):
+            return  # the socket closed under us; the loop's own checks handle it
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def run_reactor(self) -> None:
+        """pynetdicom 3.0.4's DUL loop, waiting in :meth:`_wait` instead of sleeping."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        try:
+            self._loop()
+        finally:
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+            os.close(wake_w)
+            os.close(wake_r)
+            dimse = self.assoc.dimse
+            if isinstance(dimse, NodeDIMSEServiceProvider):
+                dimse.drop_partial()  # a data set cut off by an abort or a lost connection
+
+    def _loop(self) -> None:
+        self._idle_timer.start()
+        self.socket = cast(AssociationSocket, self.socket)
+        wait = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                wait = True
+            if wait:
+                self._wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                # Either encode and send a primitive or receive and decode a PDU per loop.
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                logger.error("Exception in DUL.run(), aborting association")
+                logger.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                wait = True
+                continue
+            self.state_machine.do_action(event)
+            wait = False
 
 
 class NodeAssociationSocket(AssociationSocket):
@@ -158,6 +285,8 @@ class NodeDIMSEServiceProvider(DIMSEServiceProvider):
     _store: C_STORE | None = None
     _store_context: int = 0
     _store_parts: list[memoryview]
+    _store_sink: StoreSink | None = None
+    sink_factory: SinkFactory | None = None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         pdvs = primitive.presentation_data_value_list
@@ -171,16 +300,40 @@ class NodeDIMSEServiceProvider(DIMSEServiceProvider):
             if context_id != self._store_context or data[0] & 1:
                 logger.error("C-STORE data fragment with a command or another context")
                 self.dul.event_queue.put("Evt19")  # abort, as pynetdicom does
-                self._store = None
+                self.drop_partial()
                 return
-            self._store_parts.append(memoryview(data)[1:])
+            fragment = memoryview(data)[1:]
+            self._store_parts.append(fragment)
+            sink = self._store_sink
+            if sink is not None:
+                sink.write(fragment)
             if data[0] & 2:  # the last fragment of the data set
                 rq, self._store = cast(C_STORE, self._store), None
                 rq.DataSet = BytesIO(b"".join(self._store_parts))
                 rq._context_id = context_id
-                self._store_parts = []
+                rq._node_sink = sink  # type: ignore[attr-defined]
+                self._store_parts, self._store_sink = [], None
                 self.msg_queue.put((context_id, rq))
+                if sink is not None:
+                    sink.finish()  # while the handler checks the data set
                 return
+
+    def drop_partial(self) -> None:
+        """Forget a C-STORE request whose data set did not arrive in full."""
+        sink, self._store, self._store_sink, self._store_parts = self._store_sink, None, None, []
+        if sink is not None:
+            sink.discard()
+
+    def drop_unserved(self) -> None:
+        """Discard the sinks of complete requests the association will never serve."""
+        while True:
+            try:
+                _, msg = self.msg_queue.get(block=False)
+            except queue.Empty:
+                return
+            sink = getattr(msg, "_node_sink", None)
+            if sink is not None:
+                sink.discard()
 
     def _start_store(self, pdvs: list[tuple[int, bytes]]) -> bool:
         """Begin a fast C-STORE-RQ if the first PDV is a whole C-STORE-RQ command set."""
@@ -191,7 +344,18 @@ class NodeDIMSEServiceProvider(DIMSEServiceProvider):
         if rq is None:
             return False
         self._store, self._store_context, self._store_parts = rq, pdvs[0][0], []
+        self._store_sink = self._make_sink(rq, pdvs[0][0])
         return True
+
+    def _make_sink(self, rq: C_STORE, context_id: int) -> StoreSink | None:
+        context = self.assoc._accepted_cx.get(context_id)
+        if self.sink_factory is None or context is None:
+            return None
+        try:
+            return self.sink_factory(self.assoc, rq, str(context.transfer_syntax[0]))
+        except Exception:  # the handler then stores the data set itself
+            logger.exception("C-STORE %s: no sink for its data set", rq.AffectedSOPInstanceUID)
+            return None
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         command = (encode_store_response(primitive) if isinstance(primitive, C_STORE)
@@ -215,6 +379,14 @@ class NodeAssociation(Association):
             return None, None
 
     def _run_reactor(self) -> None:
+        try:
+            self._reactor_loop()
+        finally:
+            dimse = self.dimse
+            if isinstance(dimse, NodeDIMSEServiceProvider):
+                dimse.drop_unserved()
+
+    def _reactor_loop(self) -> None:
         """pynetdicom 3.0.4's acceptor loop, waiting on the message queue instead of sleeping."""
         self._is_paused = False
         while not self._kill:
@@ -286,14 +458,20 @@ class NodeRequestHandler(RequestHandler):
         assoc.__class__ = NodeAssociation
         assoc.dimse.__class__ = NodeDIMSEServiceProvider
         assoc.dul.socket.__class__ = NodeAssociationSocket  # type: ignore[union-attr]
-        assoc.dul._run_loop_delay = DUL_LOOP_DELAY
+        assoc.dul.__class__ = NodeDUL
+        # The thread's target was bound to the stock loop when the DUL was made.
+        assoc.dul._target = make_target(assoc.dul.run_reactor)  # type: ignore[attr-defined]
+        cast(NodeDIMSEServiceProvider, assoc.dimse).sink_factory = getattr(
+            self.server, "node_sink_factory", None)
         drop_debug_handlers(assoc)
         return assoc
 
 
 def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
-                 ssl_context: Any = None) -> ThreadedAssociationServer:
-    """Like ``ae.start_server(address, block=False, ...)`` with :class:`NodeRequestHandler`.
+                 ssl_context: Any = None, sink_factory: SinkFactory | None = None
+                 ) -> ThreadedAssociationServer:
+    """Like ``ae.start_server(address, block=False, ...)`` with :class:`NodeRequestHandler`;
+    ``sink_factory`` gives each C-STORE data set a :class:`StoreSink`.
 
     Raises OSError if the address cannot be bound.
     """
@@ -305,6 +483,7 @@ def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
         server_class=ThreadedAssociationServer, request_handler=NodeRequestHandler,
     ))
     drop_debug_handlers(server)
+    server.node_sink_factory = sink_factory  # type: ignore[attr-defined]
     thread = threading.Thread(target=make_target(server.serve_forever), name="NodeAcceptor",
                               daemon=True)
     thread.start()

@@ -14,18 +14,20 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from node.errors import IngestError
 from node.ingest.metrics import Metrics
 from node.ingest.part10 import file_meta_header
-from node.ingest.spool import Spool, StoreOutcome, write_durably
+from node.ingest.spool import Incoming, Spool, StoreOutcome, write_durably
 from node.ingest.validate import check_dataset
 
 logger = logging.getLogger(__name__)
@@ -197,17 +199,38 @@ def _required_uids(ds: Dataset) -> tuple[str, str, str, str] | None:
     return values[0], values[1], values[2], values[3]
 
 
+def incoming_sink(ctx: IngestContext) -> Callable[[Association, C_STORE, str], Incoming | None]:
+    """The listener's sink factory (:func:`node.ingest.fastpath.start_server`): each C-STORE
+    data set is written to the spool's ``incoming/`` as it arrives, behind the Part 10 header
+    made from the request's SOP Class and Instance UIDs; :func:`handle_store` checks them
+    against the data set's before it commits the file."""
+
+    def make(assoc: Association, request: C_STORE, transfer_syntax: str) -> Incoming | None:
+        sop_class, sop = request.AffectedSOPClassUID, request.AffectedSOPInstanceUID
+        if not sop_class or not sop:
+            return None
+        who = str(assoc.requestor.ae_title or "").strip()
+        header = file_meta_header(str(sop_class), str(sop), transfer_syntax, who)
+        return ctx.spool.incoming(header, max_bytes=ctx.max_instance_bytes)
+
+    return make
+
+
 def handle_store(event: Event, ctx: IngestContext) -> int:
     """C-STORE (PS3.4 B.2.3): check, write the instance durably, index it, then answer."""
     start = time.perf_counter()
     record = ctx.log.get(event)
     record.peer_ae = str(event.assoc.requestor.ae_title or "").strip()
+    incoming: Incoming | None = getattr(event.request, "_node_sink", None)
     try:
-        status, size, duplicate = _store(event, ctx, record)
+        status, size, duplicate = _store(event, ctx, record, incoming)
     except Exception:
         # Never let an exception reach pynetdicom's reactor: the association would abort.
         logger.exception("C-STORE from %s: unexpected failure", record.peer_ae)
         status, size, duplicate = 0xA700, 0, False  # Out of Resources: internal failure
+    finally:
+        if incoming is not None:
+            incoming.discard()  # refused, or failed (a committed file has moved: no-op)
     if status != 0x0000:
         record.failed += 1
         ctx.metrics.refused_with(status)
@@ -234,8 +257,10 @@ def _refuse(ctx: IngestContext, data: bytes | None, status: int, reason: str, wh
     return status
 
 
-def _store(event: Event, ctx: IngestContext, record: AssociationRecord) -> tuple[int, int, bool]:
-    """(status, size, duplicate) of one C-STORE request."""
+def _store(event: Event, ctx: IngestContext, record: AssociationRecord,
+           incoming: Incoming | None) -> tuple[int, int, bool]:
+    """(status, size, duplicate) of one C-STORE request; ``incoming``: its data set, already
+    written to the spool's ``incoming/`` as it arrived (see :func:`incoming_sink`)."""
     request = cast(C_STORE, event.request)
     who = record.peer_ae
     free = shutil.disk_usage(ctx.spool.root).free
@@ -271,7 +296,10 @@ def _store(event: Event, ctx: IngestContext, record: AssociationRecord) -> tuple
     if refusal is not None:
         return _refuse(ctx, b"".join(data), refusal.status, refusal.reason, who), 0, False
     try:
-        outcome = ctx.spool.store(data, study, series, sop, sop_class, calling_aet=who)
+        if incoming is not None:
+            outcome = ctx.spool.commit(incoming, study, series, sop, sop_class, calling_aet=who)
+        else:
+            outcome = ctx.spool.store(data, study, series, sop, sop_class, calling_aet=who)
     except IngestError as exc:
         # 0xC000 Cannot understand: malformed UID
         return _refuse(ctx, b"".join(data), 0xC000, str(exc), who), 0, False

@@ -44,6 +44,7 @@ from node.ingest.handlers import (
     handle_rejected,
     handle_requested,
     handle_store,
+    incoming_sink,
 )
 from node.ingest.metrics import Metrics, MetricsServer
 from node.ingest.spool import Spool, StudyState
@@ -196,7 +197,8 @@ class NodeServer:
         address = (self.settings.host, self.settings.port)
         tls = server_tls_context(self.settings)
         try:
-            self._server = start_server(self._ae, address, handlers, ssl_context=tls)
+            self._server = start_server(self._ae, address, handlers, ssl_context=tls,
+                                        sink_factory=incoming_sink(self.context))
         except OSError as exc:
             raise IngestError(f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
         self._monitor.start()

@@ -2,10 +2,12 @@
 
 Layout: ``<spool_dir>/studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 (DICOM Part 10 files, PS3.10) and, with the default index, ``<spool_dir>/index.sqlite3``
-(:mod:`node.ingest.index`). A file is written to a temporary name in its final directory,
-fsync'ed, renamed over the final name and the directory fsync'ed, then indexed; only then is
-the instance acknowledged, so an acknowledged instance survives a crash or power loss. The
-files are the truth: :meth:`Spool.recover` indexes any file whose index entry was lost.
+(:mod:`node.ingest.index`). An instance is written to a temporary file in
+``<spool_dir>/incoming/`` (:class:`Incoming`: the listener appends each network fragment as it
+arrives), fdatasync'ed, renamed to its final name and the directory fsync'ed, then indexed;
+only then is the instance acknowledged, so an acknowledged instance survives a crash or power
+loss. The files are the truth: :meth:`Spool.recover` deletes unfinished temporary files (never
+acknowledged) and indexes any instance file whose index entry was lost.
 
 Study states: ``pending`` (receiving; becomes complete after ``stable_seconds`` of silence),
 ``queued``, ``processing``, ``done``, ``failed``. Any new instance puts a study back to
@@ -21,6 +23,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +42,9 @@ from node.ingest.index import (
 #: The default index's file name in the spool directory.
 INDEX_NAME = "index.sqlite3"
 
-__all__ = ["INDEX_NAME", "InstanceRecord", "SQLiteIndex", "Spool", "SpoolIndex", "StoreOutcome",
-           "StudyRecord", "StudyState", "is_valid_uid", "request_analysis", "study_record",
-           "write_durably"]
+__all__ = ["INDEX_NAME", "Incoming", "InstanceRecord", "SQLiteIndex", "Spool", "SpoolIndex",
+           "StoreOutcome", "StudyRecord", "StudyState", "is_valid_uid", "request_analysis",
+           "study_record", "write_durably"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,99 @@ class StoreOutcome(enum.Enum):
 
 CLEAN_MARKER = "clean-shutdown"
 """File in the spool root written by a clean stop, removed by the next start's recovery."""
+
+
+INCOMING = "incoming"
+"""Directory in the spool root holding instances still being received or synced."""
+
+SYNC_WAIT = 120.0
+"""Seconds a commit waits for the network thread to have synced an instance."""
+
+
+class Incoming:
+    """One instance on its way into the spool: a temporary file in ``<spool>/incoming/``.
+
+    The listener appends each network fragment as it arrives (:meth:`write`: written and
+    hashed while the peer sends the next one) and, after the last, syncs the file on the
+    association's network thread (:meth:`finish`) while the handler thread checks the data set;
+    :meth:`Spool.commit` waits for that, then moves the file into place, or :meth:`discard`
+    deletes it. Made by :meth:`Spool.incoming`.
+    """
+
+    def __init__(self, directory: Path, sync: bool, max_bytes: int) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        self.path = Path(name)
+        self._fd: int | None = fd
+        self._sync = sync
+        self._max_bytes = max_bytes
+        self._sha = hashlib.sha256()
+        self._finished = threading.Event()
+        self.size = 0
+        self.error: OSError | None = None
+        self.overflow = False  # more than max_bytes arrived: the rest is not written
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``; a failure is kept in :attr:`error` and raised by :meth:`wait`."""
+        self.size += len(data)
+        if self.size > self._max_bytes:
+            self.overflow = True
+        if self.overflow or self.error is not None or self._fd is None:
+            return
+        try:
+            _write_all(self._fd, [data])
+        except OSError as exc:
+            self.error = exc
+        self._sha.update(data)
+
+    def finish(self) -> None:
+        """Every part was written: fdatasync them (if the spool syncs); a failure is kept in
+        :attr:`error` and raised by :meth:`wait`."""
+        try:
+            fd = self._fd
+            if self._sync and fd is not None and self.error is None and not self.overflow:
+                os.fdatasync(fd)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self._finished.set()
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def wait(self, timeout: float = SYNC_WAIT) -> None:
+        """Until :meth:`finish` is done; raises the write or sync error, if any."""
+        if not self._finished.wait(timeout):
+            raise OSError(f"{self.path.name} was not synced within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        if self.overflow:
+            raise OSError(f"{self.path.name} exceeds {self._max_bytes} bytes")
+
+    def close(self) -> None:
+        """Close the file (it stays, for :meth:`Spool.commit` to rename)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file (no-op once committed)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    """Write ``parts`` one after the other (``writev``: one system call for most instances)."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        done = os.writev(fd, views[:_IOV_MAX])
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -101,10 +197,7 @@ def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            for part in [data] if isinstance(data, bytes) else data:
-                view = memoryview(part)
-                while view:  # unbuffered: no copy through a Python buffer
-                    view = view[os.write(fd, view):]
+            _write_all(fd, [data] if isinstance(data, bytes) else data)
             if sync:  # fdatasync also flushes the size, all reading the data back needs (POSIX)
                 os.fdatasync(fd)
         finally:
@@ -137,6 +230,8 @@ class Spool:
         self.sync = sync
         self.studies_dir = self.root / "studies"
         self.studies_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = self.root / INCOMING
+        self.incoming_dir.mkdir(exist_ok=True)
         self.index: SpoolIndex = index or SQLiteIndex(self.root / INDEX_NAME)
 
     def recover(self) -> list[str]:
@@ -160,12 +255,15 @@ class Spool:
         """
         marker = self.root / CLEAN_MARKER
         reindexed: set[str] = set()
+        for tmp in self.incoming_dir.iterdir():
+            logger.warning("spool recovery: removing unfinished write %s", tmp)
+            tmp.unlink(missing_ok=True)
         if marker.exists():
             marker.unlink()
             _fsync_dir(self.root)
             logger.info("spool recovery: clean shutdown, no spool walk")
         else:
-            for tmp in self.studies_dir.glob("*/*/.*.tmp"):
+            for tmp in self.studies_dir.glob("*/*/.*.tmp"):  # left by earlier versions
                 logger.warning("spool recovery: removing unfinished write %s", tmp)
                 tmp.unlink(missing_ok=True)
             reindexed = self._index_unknown_files()
@@ -209,6 +307,19 @@ class Spool:
             raise IngestError(f"invalid Study Instance UID {study_instance_uid!r}")
         return self.studies_dir / study_instance_uid
 
+    def incoming(self, header: bytes = b"", max_bytes: int = 2**62) -> Incoming:
+        """A new :class:`Incoming` instance file, starting with ``header`` (Part 10 meta).
+
+        Raises
+        ------
+        OSError
+            The temporary file could not be created.
+        """
+        incoming = Incoming(self.incoming_dir, self.sync, max_bytes + len(header))
+        if header:
+            incoming.write(header)
+        return incoming
+
     def store(
         self,
         data: bytes | Sequence[bytes],
@@ -220,7 +331,8 @@ class Spool:
     ) -> StoreOutcome:
         """Write one Part 10 file durably and index it; the study becomes pending.
 
-        ``calling_aet`` (the sender) selects the study's stable-time rule.
+        ``data``: the file's bytes, or parts written one after the other (never joined in
+        memory). ``calling_aet`` (the sender) selects the study's stable-time rule.
 
         Raises
         ------
@@ -229,6 +341,46 @@ class Spool:
         OSError, sqlite3.Error
             The file or the index could not be written.
         """
+        incoming = self.incoming()
+        try:
+            for part in [data] if isinstance(data, bytes) else data:
+                incoming.write(part)
+            incoming.finish()
+        except BaseException:
+            incoming.discard()
+            raise
+        return self.commit(incoming, study_instance_uid, series_instance_uid,
+                           sop_instance_uid, sop_class_uid, calling_aet)
+
+    def commit(
+        self,
+        incoming: Incoming,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        calling_aet: str = "",
+    ) -> StoreOutcome:
+        """Move a finished :class:`Incoming` file into place and index it (see :meth:`store`).
+
+        Waits until the file is synced. The temporary file is gone afterwards, whatever the
+        outcome (renamed, or deleted for a duplicate or a failure).
+
+        Raises
+        ------
+        IngestError
+            A UID is malformed (it would not be a safe path component).
+        OSError, sqlite3.Error
+            The file could not be written, synced or moved, or the index not updated.
+        """
+        try:
+            return self._commit(incoming, study_instance_uid, series_instance_uid,
+                                sop_instance_uid, sop_class_uid, calling_aet)
+        finally:
+            incoming.discard()
+
+    def _commit(self, incoming: Incoming, study_instance_uid: str, series_instance_uid: str,
+                sop_instance_uid: str, sop_class_uid: str, calling_aet: str) -> StoreOutcome:
         for name, uid in [
             ("Study Instance UID", study_instance_uid),
             ("Series Instance UID", series_instance_uid),
@@ -236,17 +388,21 @@ class Spool:
         ]:
             if not is_valid_uid(uid):
                 raise IngestError(f"invalid {name} {uid!r}")
-        parts = [data] if isinstance(data, bytes) else list(data)
-        sha = hashlib.sha256()
-        for part in parts:
-            sha.update(part)
-        digest, size = sha.hexdigest(), sum(len(part) for part in parts)
         path = self.studies_dir / study_instance_uid / series_instance_uid
         path = path / f"{sop_instance_uid}.dcm"
         old = self.index.instance(sop_instance_uid)
+        incoming.wait()
+        digest, size = incoming.sha256, incoming.size
         if old is not None and old.sha256 == digest and old.path == path and path.exists():
             return StoreOutcome.DUPLICATE
-        write_durably(path, parts, self.studies_dir, sync=self.sync)
+        if self.sync:
+            _make_dirs_durable(path.parent, self.studies_dir)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        incoming.close()
+        os.replace(incoming.path, path)
+        if self.sync:
+            _fsync_dir(path.parent)
         record = InstanceRecord(sop_instance_uid, study_instance_uid, series_instance_uid,
                                 sop_class_uid, path, size, digest, time.time())
         self.index.add(record, calling_aet)
