@@ -352,15 +352,8 @@ class Spool:
         return self.commit(incoming, study_instance_uid, series_instance_uid,
                            sop_instance_uid, sop_class_uid, calling_aet)
 
-    def commit(
-        self,
-        incoming: Incoming,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        calling_aet: str = "",
-    ) -> StoreOutcome:
+    def commit(self, incoming: Incoming, study_instance_uid: str, series_instance_uid: str,
+               sop_instance_uid: str, sop_class_uid: str, calling_aet: str = "") -> StoreOutcome:
         """Move a finished :class:`Incoming` file into place and index it (see :meth:`store`).
 
         Waits until the file is synced. The temporary file is gone afterwards, whatever the
