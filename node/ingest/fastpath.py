@@ -75,7 +75,7 @@ logger = logging.getLogger(__name__)
 PYNETDICOM_VERSION = "3.0.4"
 """The pynetdicom release whose acceptor reactor :class:`NodeAssociation` copies."""
 
-REACTOR_WAIT = 0.001
+REACTOR_WAIT = 0.01
 """Seconds the reactor waits for a DIMSE message before it checks release, abort and timeouts
 (pynetdicom sleeps this long unconditionally)."""
 
