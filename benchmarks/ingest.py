@@ -9,6 +9,8 @@ Sends the same study of N CT images (512 x 512 int16, default 300) with DCMTK's 
 3. the node with ``sync_writes = false`` (no fsync: what the durability costs),
 4. the node (``python -m node.ingest.standalone``: the real listener with its durable spool,
    without the analysis),
+5. Orthanc (the Debian package, ``SyncStorageArea: true``, its default: like the node it syncs
+   each instance before Success), a production archive with the same durability for scale,
 
 on one association, one after the other in each of ``--rounds`` rounds (a new study, new UIDs,
 per round), so that every receiver sees the same machine load; then to the node on 4
@@ -158,6 +160,17 @@ def start_node(stack: ExitStack, work: Path, sync: bool = True
     return proc, port
 
 
+def start_orthanc(stack: ExitStack, work: Path) -> int:
+    """Start Orthanc as the archive tests do (no routing); returns its DICOM port."""
+    from node.archive.orthanc import OrthancServer
+
+    server = OrthancServer(work / "orthanc", lua_scripts=[], stable_age=3600,
+                           extra_config={"SyncStorageArea": True})
+    server.start()
+    stack.callback(server.stop)
+    return server.dicom_port
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(30)
@@ -169,6 +182,7 @@ TARGETS = {  # name -> label
     "ceiling": "pynetdicom no-op SCP, node's ",
     "nosync": "node, sync_writes=false      ",
     "node": "node                         ",
+    "orthanc": "Orthanc (SyncStorageArea=true)",
 }
 
 
@@ -198,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                  "nosync": (start_node(stack, work, sync=False)[1], "LIVERNODE")}
         node, node_port = start_node(stack, work)
         ports["node"] = (node_port, "LIVERNODE")
+        ports["orthanc"] = (start_orthanc(stack, work), "ORTHANC")
         seconds: dict[str, list[float]] = {name: [] for name in ports}
         for r in range(args.rounds):
             if r:
