@@ -23,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from node.ingest.fastpath import (
@@ -34,6 +35,7 @@ from node.ingest.fastpath import (
     drop_debug_handlers,
     encode_store_response,
     parse_store_request,
+    pdata_tf,
 )
 from node.ingest.server import NodeServer
 from tests.conftest import NodeFactory, wait_until
@@ -120,6 +122,7 @@ def test_store_response_bytes_equal_pynetdicoms(status: int, sop_class: str | No
     (pdata,) = message.encode_msg(1, 16384)
     (context_id, pdv), = pdata.presentation_data_value_list
     assert pdv[:1] == b"\x03" and encode_store_response(rsp) == pdv[1:]
+    assert pdata_tf(context_id, pdv) == P_DATA_TF(pdata).encode()  # the PDU sent directly
 
 
 def test_store_response_with_error_comment_is_left_to_pynetdicom() -> None:

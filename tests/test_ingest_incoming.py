@@ -234,3 +234,25 @@ def test_live_abort_in_the_middle_of_a_data_set_leaves_nothing_behind(
     finally:
         assoc.release()
     assert node.spool.instance(ds.SOPInstanceUID) is not None
+
+
+def test_an_unhashed_incoming_file_is_committed_with_the_hash_given(tmp_path: Path) -> None:
+    """The listener's files are hashed by the handler (beside the sync), not while written."""
+    spool = Spool(tmp_path / "spool")
+    incoming = spool.incoming(b"HEAD", hashed=False)
+    incoming.write(b"body")
+    incoming.finish()
+    assert incoming.header == b"HEAD"
+    with pytest.raises(ValueError, match="without hashing"):
+        spool.commit(incoming, STUDY, SERIES, SOP, CTImageStorage)
+    assert _incoming_files(spool) == [] and spool.instance(SOP) is None
+    incoming = spool.incoming(b"HEAD", hashed=False)
+    incoming.write(b"body")
+    incoming.finish()
+    digest = hashlib.sha256(b"HEADbody").hexdigest()
+    assert spool.commit(incoming, STUDY, SERIES, SOP, CTImageStorage,
+                        sha256=digest) is StoreOutcome.STORED
+    record = spool.instance(SOP)
+    assert record is not None and record.sha256 == digest
+    assert hashlib.sha256(record.path.read_bytes()).hexdigest() == digest
+    spool.close()

@@ -101,14 +101,46 @@ SinkFactory = Callable[[Association, C_STORE, str], "StoreSink | None"]
 """Makes the sink of a C-STORE request: (association, request, transfer syntax UID)."""
 
 
+def pdata_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU with one presentation data value item (PS3.8 9.3.5)."""
+    return struct.pack(">BBIIB", 0x04, 0x00, len(pdv) + 5, len(pdv) + 1, context_id) + pdv
+
+
 class NodeDUL(DULServiceProvider):
     """A DUL provider whose thread waits on its socket and on queued PDUs, never sleeps blind.
 
     The wake-up pipe is created when the thread starts and closed when it ends.
+    :meth:`send_now` lets the association thread send a P-DATA-TF itself.
     """
 
     _wake_r: int = -1
     _wake_w: int = -1
+    _send_lock: threading.Lock | None = None  # set by NodeRequestHandler
+
+    def send_now(self, pdu: bytes) -> bool:
+        """Send an encoded P-DATA-TF on the calling thread if the association is established
+        (Sta6: sending P-DATA keeps that state, PS3.8 9.2 action DT-1) and nothing is queued
+        before it; False (nothing sent) otherwise, or if anyone listens to sent PDUs.
+
+        Saves the hand-over to the network thread (~0.3 ms per C-STORE response)."""
+        lock, sock = self._send_lock, self.socket
+        if (lock is None or sock is None or self.state_machine.current_state != "Sta6"
+                or self.assoc.get_handlers(evt.EVT_PDU_SENT)
+                or self.assoc.get_handlers(evt.EVT_DATA_SENT)):
+            return False
+        with lock:
+            if not self.to_provider_queue.empty():
+                return False  # keep the order of what is already queued
+            sock.send(pdu)
+        return True
+
+    def _send(self, pdu: Any) -> None:
+        lock = self._send_lock
+        if lock is None:
+            super()._send(pdu)
+            return
+        with lock:
+            super()._send(pdu)
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -363,10 +395,14 @@ class NodeDIMSEServiceProvider(DIMSEServiceProvider):
         if command is None or 0 < self.maximum_pdu_size < len(command) + 6:
             super().send_msg(primitive, context_id)
             return
-        pdata = P_DATA()
         # Message control header 0x03: command fragment, the last one (PS3.8 E.2).
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-        self.dul.send_pdu(pdata)
+        pdv = b"\x03" + command
+        dul = self.dul
+        if isinstance(dul, NodeDUL) and dul.send_now(pdata_tf(context_id, pdv)):
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, pdv))
+        dul.send_pdu(pdata)
 
 
 class NodeAssociation(Association):
@@ -459,6 +495,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.dimse.__class__ = NodeDIMSEServiceProvider
         assoc.dul.socket.__class__ = NodeAssociationSocket  # type: ignore[union-attr]
         assoc.dul.__class__ = NodeDUL
+        cast(NodeDUL, assoc.dul)._send_lock = threading.Lock()
         # The thread's target was bound to the stock loop when the DUL was made.
         assoc.dul._target = make_target(assoc.dul.run_reactor)  # type: ignore[attr-defined]
         cast(NodeDIMSEServiceProvider, assoc.dimse).sink_factory = getattr(

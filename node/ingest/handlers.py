@@ -211,7 +211,8 @@ def incoming_sink(ctx: IngestContext) -> Callable[[Association, C_STORE, str], I
             return None
         who = str(assoc.requestor.ae_title or "").strip()
         header = file_meta_header(str(sop_class), str(sop), transfer_syntax, who)
-        return ctx.spool.incoming(header, max_bytes=ctx.max_instance_bytes)
+        # Unhashed: the handler hashes the data set it holds while the network thread syncs.
+        return ctx.spool.incoming(header, max_bytes=ctx.max_instance_bytes, hashed=False)
 
     return make
 
@@ -297,7 +298,10 @@ def _store(event: Event, ctx: IngestContext, record: AssociationRecord,
         return _refuse(ctx, b"".join(data), refusal.status, refusal.reason, who), 0, False
     try:
         if incoming is not None:
-            outcome = ctx.spool.commit(incoming, study, series, sop, sop_class, calling_aet=who)
+            digest = hashlib.sha256(incoming.header)
+            digest.update(body)  # releases the GIL: runs beside the sync on the network thread
+            outcome = ctx.spool.commit(incoming, study, series, sop, sop_class, calling_aet=who,
+                                       sha256=digest.hexdigest())
         else:
             outcome = ctx.spool.store(data, study, series, sop, sop_class, calling_aet=who)
     except IngestError as exc:

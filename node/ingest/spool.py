@@ -75,20 +75,22 @@ SYNC_WAIT = 120.0
 class Incoming:
     """One instance on its way into the spool: a temporary file in ``<spool>/incoming/``.
 
-    The listener appends each network fragment as it arrives (:meth:`write`: written and
-    hashed while the peer sends the next one) and, after the last, syncs the file on the
-    association's network thread (:meth:`finish`) while the handler thread checks the data set;
-    :meth:`Spool.commit` waits for that, then moves the file into place, or :meth:`discard`
-    deletes it. Made by :meth:`Spool.incoming`.
+    The listener appends each network fragment as it arrives (:meth:`write`: written while
+    the peer sends the next one) and, after the last, syncs the file on the association's
+    network thread (:meth:`finish`) while the handler thread checks the data set and hashes it;
+    :meth:`Spool.commit` waits for the sync, then moves the file into place, or :meth:`discard`
+    deletes it. ``hashed``: also hash what is written (else the committer passes the hash).
+    Made by :meth:`Spool.incoming`.
     """
 
-    def __init__(self, directory: Path, sync: bool, max_bytes: int) -> None:
+    def __init__(self, directory: Path, sync: bool, max_bytes: int, hashed: bool = True) -> None:
         fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
         self.path = Path(name)
         self._fd: int | None = fd
         self._sync = sync
         self._max_bytes = max_bytes
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if hashed else None
+        self.header = b""  # the Part 10 header it starts with (set by Spool.incoming)
         self._finished = threading.Event()
         self.size = 0
         self.error: OSError | None = None
@@ -105,7 +107,8 @@ class Incoming:
             _write_all(self._fd, [data])
         except OSError as exc:
             self.error = exc
-        self._sha.update(data)
+        if self._sha is not None:
+            self._sha.update(data)
 
     def finish(self) -> None:
         """Every part was written: fdatasync them (if the spool syncs); a failure is kept in
@@ -121,6 +124,9 @@ class Incoming:
 
     @property
     def sha256(self) -> str:
+        """SHA-256 of what was written (only if made ``hashed``)."""
+        if self._sha is None:
+            raise ValueError(f"{self.path.name} was made without hashing")
         return self._sha.hexdigest()
 
     def wait(self, timeout: float = SYNC_WAIT) -> None:
@@ -307,7 +313,8 @@ class Spool:
             raise IngestError(f"invalid Study Instance UID {study_instance_uid!r}")
         return self.studies_dir / study_instance_uid
 
-    def incoming(self, header: bytes = b"", max_bytes: int = 2**62) -> Incoming:
+    def incoming(self, header: bytes = b"", max_bytes: int = 2**62,
+                 hashed: bool = True) -> Incoming:
         """A new :class:`Incoming` instance file, starting with ``header`` (Part 10 meta).
 
         Raises
@@ -315,7 +322,8 @@ class Spool:
         OSError
             The temporary file could not be created.
         """
-        incoming = Incoming(self.incoming_dir, self.sync, max_bytes + len(header))
+        incoming = Incoming(self.incoming_dir, self.sync, max_bytes + len(header), hashed)
+        incoming.header = header
         if header:
             incoming.write(header)
         return incoming
@@ -353,11 +361,13 @@ class Spool:
                            sop_instance_uid, sop_class_uid, calling_aet)
 
     def commit(self, incoming: Incoming, study_instance_uid: str, series_instance_uid: str,
-               sop_instance_uid: str, sop_class_uid: str, calling_aet: str = "") -> StoreOutcome:
+               sop_instance_uid: str, sop_class_uid: str, calling_aet: str = "",
+               sha256: str | None = None) -> StoreOutcome:
         """Move a finished :class:`Incoming` file into place and index it (see :meth:`store`).
 
-        Waits until the file is synced. The temporary file is gone afterwards, whatever the
-        outcome (renamed, or deleted for a duplicate or a failure).
+        ``sha256``: the hash of the file's bytes, for an :class:`Incoming` made without
+        hashing. Waits until the file is synced. The temporary file is gone afterwards,
+        whatever the outcome (renamed, or deleted for a duplicate or a failure).
 
         Raises
         ------
@@ -368,12 +378,13 @@ class Spool:
         """
         try:
             return self._commit(incoming, study_instance_uid, series_instance_uid,
-                                sop_instance_uid, sop_class_uid, calling_aet)
+                                sop_instance_uid, sop_class_uid, calling_aet, sha256)
         finally:
             incoming.discard()
 
     def _commit(self, incoming: Incoming, study_instance_uid: str, series_instance_uid: str,
-                sop_instance_uid: str, sop_class_uid: str, calling_aet: str) -> StoreOutcome:
+                sop_instance_uid: str, sop_class_uid: str, calling_aet: str,
+                sha256: str | None) -> StoreOutcome:
         for name, uid in [
             ("Study Instance UID", study_instance_uid),
             ("Series Instance UID", series_instance_uid),
@@ -385,7 +396,7 @@ class Spool:
         path = path / f"{sop_instance_uid}.dcm"
         old = self.index.instance(sop_instance_uid)
         incoming.wait()
-        digest, size = incoming.sha256, incoming.size
+        digest, size = sha256 or incoming.sha256, incoming.size
         if old is not None and old.sha256 == digest and old.path == path and path.exists():
             return StoreOutcome.DUPLICATE
         if self.sync:
