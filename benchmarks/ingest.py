@@ -13,7 +13,8 @@ Sends the same study of N CT images (512 x 512 int16, default 300) with DCMTK's 
    each instance before Success), a production archive with the same durability for scale,
 
 on one association, one after the other in each of ``--rounds`` rounds (a new study, new UIDs,
-per round), so that every receiver sees the same machine load; then to the node on 4
+per round; the page cache written back before each receiver), so that every receiver sees
+the same machine load; then to the node on 4
 concurrent associations, then checks the node's RSS growth over ``--rss-instances`` further
 instances. Prints the median instances/s, the median per-round ratio to storescp and the bars
 of issue #3::
@@ -97,6 +98,14 @@ def send(paths: list[Path], port: int, called: str, associations: int = 1) -> fl
     return time.perf_counter() - start
 
 
+def settle() -> None:
+    """Write back every dirty page before the next receiver runs, so that none pays for the
+    writes another left in the page cache (storescp and the node without fsync leave 158 MB
+    each, which the kernel would otherwise write back during the next receiver's run)."""
+    os.sync()
+    time.sleep(0.2)
+
+
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,10 +118,21 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """Resident memory of a process and its children (the node's listener processes)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if stat.parent.name != str(pid) and int(fields[1]) != pid:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, ValueError):
+            continue
+        total += next((int(line.split()[1]) / 1024 for line in status.splitlines()
+                       if line.startswith("VmRSS:")), 0.0)
+    if not total:
+        raise RuntimeError(f"no process {pid}")
+    return total
 
 
 def start_floor(stack: ExitStack, fast: bool) -> int:
@@ -143,20 +163,23 @@ def start_floor(stack: ExitStack, fast: bool) -> int:
     return port
 
 
-def start_node(stack: ExitStack, work: Path, sync: bool = True
+def start_node(stack: ExitStack, work: Path, sync: bool = True, processes: int = 1
                ) -> tuple[subprocess.Popen[bytes], int]:
     name = "node" if sync else "node-nosync"
     port = free_port()
     config = work / f"{name}.toml"
     config.write_text(f'port = {port}\nspool_dir = "{work / name}"\nstable_seconds = 3600\n'
-                      f"max_associations = 8\nsync_writes = {str(sync).lower()}\n")
+                      f"max_associations = 8\nsync_writes = {str(sync).lower()}\n"
+                      f"listener_processes = {processes}\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.ingest.standalone", "--config", str(config),
          "--marker", str(work / f"{name}.marker")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.log", "wb"),  # noqa: SIM115
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=open(work / f"{name}.log", "wb"),  # noqa: SIM115
     )
     stack.callback(_stop, proc)
-    wait_port(port)
+    assert proc.stdout is not None
+    if not proc.stdout.readline().startswith(b"READY"):  # every listener process listens
+        raise RuntimeError(f"the node did not start: see {work / name}.log")
     return proc, port
 
 
@@ -192,13 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds over all receivers, interleaved; medians are reported")
     p.add_argument("--rss-instances", type=int, default=3000)
+    p.add_argument("--listener-processes", type=int, default=min(4, os.cpu_count() or 1),
+                   help="the node's listener_processes (default: CPU cores, at most 4)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="where every receiver stores (default: the system temp directory); "
+                        "file creation cost depends on the file system's state there")
     args = p.parse_args(argv)
     n = args.images
-    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp, ExitStack() as stack:
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=args.dir) as tmp, \
+            ExitStack() as stack:
         work = Path(tmp)
         paths = write_study(work / "src", n)
         mb = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"study: {len(paths)} images 512x512 int16, {mb:.0f} MB; {args.rounds} rounds")
+        print(f"study: {len(paths)} images 512x512 int16, {mb:.0f} MB; {args.rounds} rounds; "
+              f"node: listener_processes = {args.listener_processes}")
         scp_dir = work / "scp"
         scp_dir.mkdir()
         scp_port = free_port()
@@ -209,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         ports = {"storescp": (scp_port, "STORESCP"),
                  "stock": (start_floor(stack, fast=False), "FLOOR"),
                  "ceiling": (start_floor(stack, fast=True), "FLOOR"),
-                 "nosync": (start_node(stack, work, sync=False)[1], "LIVERNODE")}
-        node, node_port = start_node(stack, work)
+                 "nosync": (start_node(stack, work, sync=False,
+                                       processes=args.listener_processes)[1], "LIVERNODE")}
+        node, node_port = start_node(stack, work, processes=args.listener_processes)
         ports["node"] = (node_port, "LIVERNODE")
         ports["orthanc"] = (start_orthanc(stack, work), "ORTHANC")
         seconds: dict[str, list[float]] = {name: [] for name in ports}
@@ -218,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             if r:
                 paths = write_study(work / "src", n)  # new UIDs: no duplicates
             for name, (port, called) in ports.items():
+                settle()
                 seconds[name].append(send(paths, port, called))
             for old in scp_dir.iterdir():
                 old.unlink()

@@ -79,7 +79,16 @@ class Settings:
         C-STORE is refused with 0xA700 (Out of Resources) once the spool's filesystem has less
         free space than this.
     max_associations:
-        Concurrent associations accepted; more are rejected (PS3.8 7.1.1.9, local limit).
+        Concurrent associations accepted per listener process; more are rejected (PS3.8
+        7.1.1.9, local limit).
+    listener_processes:
+        Processes accepting associations on the same port (``SO_REUSEPORT``, Linux); the
+        kernel spreads new connections over them. Python runs one thread at a time per
+        process, so with concurrent senders more processes use more cores (2 on a 2-core
+        machine: 4 associations 280 instead of 185 instances/s). The first process also runs
+        the completion monitor, the analysis and the metrics endpoint (which adds up every
+        process's counters); limits (``max_associations``, ``max_associations_per_host``) hold
+        per process.
     sync_writes:
         fsync each instance before answering Success (default). False: faster, and a crash of
         the node still loses nothing, but a power loss may lose the last acknowledged
@@ -116,6 +125,7 @@ class Settings:
     stable_seconds_by_aet: tuple[str, ...] = ()
     min_free_bytes: int = 256 * 1024 * 1024
     max_associations: int = 16
+    listener_processes: int = 1
     max_associations_per_host: int = 8
     sync_writes: bool = True
     max_pdu_bytes: int = 262144
@@ -292,6 +302,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"bad network_timeout {settings.network_timeout}: must be > 0")
     if settings.max_associations < 1 or settings.max_instance_bytes < 1:
         raise ConfigError("max_associations and max_instance_bytes must be >= 1")
+    if settings.listener_processes < 1:
+        raise ConfigError(f"bad listener_processes {settings.listener_processes}: must be >= 1")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together: give both or neither")
     if not a.dicomweb_url.startswith(("http://", "https://")):

@@ -35,12 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 class NodeProcess:
     """The standalone listener as a child process on a fixed port and spool."""
 
-    def __init__(self, workdir: Path, port: int, *, stable: float, delay: float) -> None:
+    def __init__(self, workdir: Path, port: int, *, stable: float, delay: float,
+                 extra: str = "") -> None:
         self.workdir, self.port = workdir, port
         self.config = workdir / "node.toml"
         self.config.write_text(
             f'port = {port}\nspool_dir = "{workdir / "spool"}"\nstable_seconds = {stable}\n'
-            "min_free_bytes = 0\n"
+            f"min_free_bytes = 0\n{extra}"
         )
         self.marker = workdir / "marker.txt"
         self.delay = delay
@@ -148,6 +149,62 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(
     _wait(lambda: f"done {study} {len(series)}" in node_process.markers())
     _check_intact(node_process.workdir / "spool", series)
     assert not list((node_process.workdir / "spool" / "studies").glob("*/*/.*.tmp"))
+    assert not any((node_process.workdir / "spool" / "incoming").iterdir())
+
+
+def _children(pid: int) -> list[int]:
+    """Process IDs whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill9_with_two_listener_processes(tmp_path: Path,
+                                           free_port: Callable[[], int]) -> None:
+    """Both listener processes store durably; killing the node takes the other one with it
+    (it would otherwise keep accepting on the port); after a restart nothing acknowledged
+    by either process is missing."""
+    node = NodeProcess(tmp_path, free_port(), stable=0.5, delay=0.0,
+                       extra="listener_processes = 2\n")
+    try:
+        node.start()
+        assert node.proc is not None
+        children = [c for c in _children(node.proc.pid) if _alive(c)]
+        assert children, "no extra listener process"
+        groups = [make_ct_series(n=60, size=64) for _ in range(6)]
+        acked: list[list[Dataset]] = [[] for _ in groups]
+        progress = threading.Event()
+        senders = [threading.Thread(target=_send, args=(node.port, group, got, progress, 5))
+                   for group, got in zip(groups, acked, strict=True)]
+        for sender in senders:
+            sender.start()
+        assert progress.wait(30)
+        node.kill9()
+        _wait(lambda: not any(_alive(c) for c in children), timeout=5.0)
+        for sender in senders:
+            sender.join(30)
+        done = [ds for got in acked for ds in got]
+        assert done and len(done) < sum(len(g) for g in groups)
+        _check_intact(tmp_path / "spool", done)
+        node.start()  # recovery with both processes: the spool is consistent
+        _check_intact(tmp_path / "spool", done)
+        assert not any((tmp_path / "spool" / "incoming").iterdir())
+    finally:
+        node.stop()
 
 
 def test_kill9_during_analysis_resumes_after_restart(node_process: NodeProcess) -> None:

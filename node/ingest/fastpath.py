@@ -43,6 +43,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
 import struct
 import threading
@@ -504,11 +505,21 @@ class NodeRequestHandler(RequestHandler):
         return assoc
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """A server whose socket other processes may bind too (``SO_REUSEPORT``): the kernel
+    spreads new connections over every socket bound to the port."""
+
+    def server_bind(self) -> None:
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
-                 ssl_context: Any = None, sink_factory: SinkFactory | None = None
-                 ) -> ThreadedAssociationServer:
+                 ssl_context: Any = None, sink_factory: SinkFactory | None = None,
+                 reuse_port: bool = False) -> ThreadedAssociationServer:
     """Like ``ae.start_server(address, block=False, ...)`` with :class:`NodeRequestHandler`;
-    ``sink_factory`` gives each C-STORE data set a :class:`StoreSink`.
+    ``sink_factory`` gives each C-STORE data set a :class:`StoreSink`; ``reuse_port``: let
+    other processes listen on the same port (:class:`ReusePortServer`).
 
     Raises OSError if the address cannot be bound.
     """
@@ -517,7 +528,8 @@ def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
                        pynetdicom.__version__, PYNETDICOM_VERSION)
     server = cast(ThreadedAssociationServer, ae.make_server(
         address, evt_handlers=list(evt_handlers), ssl_context=ssl_context,
-        server_class=ThreadedAssociationServer, request_handler=NodeRequestHandler,
+        server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
+        request_handler=NodeRequestHandler,
     ))
     drop_debug_handlers(server)
     server.node_sink_factory = sink_factory  # type: ignore[attr-defined]

@@ -12,8 +12,13 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: The plain counters of :class:`Metrics`.
+_COUNTERS = ("received", "duplicates", "associations", "associations_rejected",
+             "analyses_done", "analyses_failed", "bytes_received")
 
 #: Upper bounds (seconds) of the store latency histogram buckets.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -44,6 +49,24 @@ class Metrics:
             self._latency_sum += seconds
             i = next((k for k, b in enumerate(LATENCY_BUCKETS) if seconds <= b), -1)
             self._buckets[i] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter, as plain (picklable) values; :meth:`add` sums them into another."""
+        with self._lock:
+            return {**{name: getattr(self, name) for name in _COUNTERS},
+                    "refused": dict(self.refused), "buckets": list(self._buckets),
+                    "latency_sum": self._latency_sum}
+
+    def add(self, snapshot: dict[str, Any]) -> None:
+        """Add the counters of a :meth:`snapshot` (another listener process's) to these."""
+        with self._lock:
+            for name in _COUNTERS:
+                setattr(self, name, getattr(self, name) + int(snapshot[name]))
+            for status, n in snapshot["refused"].items():
+                self.refused[status] = self.refused.get(status, 0) + int(n)
+            self._buckets = [a + int(b) for a, b in zip(self._buckets, snapshot["buckets"],
+                                                        strict=True)]
+            self._latency_sum += float(snapshot["latency_sum"])
 
     def refused_with(self, status: int) -> None:
         """Count one instance answered with a failure status."""

@@ -1,7 +1,7 @@
 """The node's DICOM listener: Verification and Storage SCP (PS3.4 Annex A and B).
 
-Wires the handlers of ``handlers.py`` to a pynetdicom AE, the spool and the completion
-monitor. Usage::
+Wires the listener(s) of ``listener.py`` to the spool, the completion monitor and the metrics
+endpoint. Usage::
 
     server = NodeServer(settings, on_study_complete=pipeline.run)
     server.start()
@@ -12,114 +12,30 @@ monitor. Usage::
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import queue
 import shutil
-import ssl
+import threading
 import time
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import Any
 
-from pydicom.uid import (
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedSRStorage,
-    SegmentationStorage,
-)
-from pynetdicom import AE, evt
-from pynetdicom.events import EventHandlerType
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import AE
 
 from node.config import Settings, stable_by_aet
 from node.errors import IngestError
 from node.ingest.completion import CompletionMonitor, StudyCallback
-from node.ingest.fastpath import start_server
-from node.ingest.handlers import (
-    AssociationLog,
-    AssociationRecord,
-    IngestContext,
-    handle_accepted,
-    handle_conn_close,
-    handle_conn_open,
-    handle_echo,
-    handle_rejected,
-    handle_requested,
-    handle_store,
-    incoming_sink,
-)
+from node.ingest.handlers import AssociationRecord
+from node.ingest.listener import Listener, listener_process
 from node.ingest.metrics import Metrics, MetricsServer
 from node.ingest.spool import Spool, StudyState
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 A.4)
-#: Uncompressed transfer syntaxes (PS3.5 A.1-A.3, A.5); Implicit VR Little Endian first,
-#: the default every peer must support.
-UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old scanners)
-)
-#: Compressed pixel transfer syntaxes, accepted for storage as they come (PS3.5 A.4).
-COMPRESSED_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
-IMAGE_STORAGE = (CTImageStorage, EnhancedCTImageStorage, SegmentationStorage)
-SR_STORAGE = (ComprehensiveSRStorage, Comprehensive3DSRStorage, EnhancedSRStorage)
-
-
-def build_ae(settings: Settings) -> AE:
-    """The node's AE: supported contexts, AE title checks (PS3.8 7.1.1.5-6)."""
-    ae = AE(ae_title=settings.ae_title)
-    ae.add_supported_context(VERIFICATION, list(UNCOMPRESSED_SYNTAXES[:2]))
-    for sop_class in IMAGE_STORAGE:
-        ae.add_supported_context(sop_class, list(UNCOMPRESSED_SYNTAXES + COMPRESSED_SYNTAXES))
-    for sop_class in SR_STORAGE:
-        ae.add_supported_context(sop_class, list(UNCOMPRESSED_SYNTAXES))
-    ae.require_called_aet = True
-    ae.require_calling_aet = sorted({a.partition("@")[0] for a in settings.allowed_calling_aets})
-    ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = settings.max_pdu_bytes
-    ae.network_timeout = settings.network_timeout
-    ae.acse_timeout = min(30.0, settings.network_timeout)
-    return ae
-
-
-def allowed_hosts(settings: Settings) -> dict[str, set[str]]:
-    """AE title -> the hosts it may call from, for the ``AET@host`` allow-list entries."""
-    hosts: dict[str, set[str]] = {}
-    for entry in settings.allowed_calling_aets:
-        aet, _, host = entry.partition("@")
-        if host:
-            hosts.setdefault(aet, set()).add(host)
-    return hosts
-
-
-def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context of the listener (PS3.15 B.1), or None for plain TCP.
-
-    With ``tls_ca`` set, peers must present a certificate signed by that CA.
-    """
-    if not settings.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-        if settings.tls_ca:
-            context.load_verify_locations(settings.tls_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise IngestError(f"cannot load the TLS certificate, key or CA: {exc}") from exc
-    return context
+PROCESS_START_SECONDS = 60.0
+"""How long the extra listener processes may take to start listening."""
 
 
 class NodeServer:
@@ -128,7 +44,8 @@ class NodeServer:
     Parameters
     ----------
     settings:
-        Listen address, AE titles, spool directory, ``stable_seconds``, ``workers``.
+        Listen address, AE titles, spool directory, ``stable_seconds``, ``workers``,
+        ``listener_processes``.
     on_study_complete:
         Called on a worker thread as ``on_study_complete(study_instance_uid, study_dir)`` when a
         study is complete; ``study_dir`` is ``<spool>/studies/<StudyInstanceUID>`` holding one
@@ -138,14 +55,10 @@ class NodeServer:
     def __init__(self, settings: Settings, on_study_complete: StudyCallback) -> None:
         self.settings = settings
         self.spool = Spool(settings.spool_dir, sync=settings.sync_writes)
-        self.associations = AssociationLog()
         self.metrics = Metrics()
-        self.context = IngestContext(
-            self.spool, self.associations, self.metrics,
-            min_free_bytes=settings.min_free_bytes,
-            max_instance_bytes=settings.max_instance_bytes,
-            allowed_hosts=allowed_hosts(settings),
-        )
+        self._listener = Listener(settings, self.spool, self.metrics)
+        self.associations = self._listener.associations
+        self.context = self._listener.context
         self._monitor = CompletionMonitor(
             self.spool,
             on_study_complete,
@@ -154,53 +67,58 @@ class NodeServer:
             stable_by_aet=stable_by_aet(settings),
             metrics=self.metrics,
         )
-        self._ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._running = False
         self._http: MetricsServer | None = None
+        self._processes: list[BaseProcess] = []
+        self._stop_processes: EventType | None = None
+        self._reports: Any = None  # multiprocessing Queue of the extra processes' reports
+        self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._remote_metrics: dict[int, dict[str, Any]] = {}
+        self._remote_associations: dict[int, int] = {}
+        self._remote_clean: dict[int, bool] = {}
 
     @property
     def port(self) -> int:
         """The port actually listened on."""
-        if self._server is None:
-            raise IngestError("the node server is not running")
-        return int(self._server.server_address[1])
+        return self._listener.port
 
     @property
     def ae(self) -> AE:
-        """The pynetdicom AE (``ae.active_associations`` lists the open associations)."""
-        return self._ae
+        """The pynetdicom AE of this process (``ae.active_associations`` lists its open
+        associations; other listener processes have their own)."""
+        return self._listener.ae
+
+    @property
+    def listener_pids(self) -> list[int]:
+        """Process IDs of the extra listener processes (``listener_processes`` > 1)."""
+        return [int(p.pid) for p in self._processes if p.pid is not None]
 
     @property
     def recent_associations(self) -> list[AssociationRecord]:
-        """Records of the last (up to 100) closed associations, oldest first."""
+        """Records of the last (up to 100) closed associations of this process, oldest first."""
         return list(self.associations.closed)
 
     def start(self) -> None:
-        """Start listening and the completion threads; returns at once.
+        """Start listening (in ``listener_processes`` processes) and the completion threads;
+        returns once every listener listens.
 
         Raises
         ------
         IngestError
-            The address cannot be bound.
+            The address cannot be bound, or an extra listener process did not start.
         """
-        handlers: list[EventHandlerType] = [
-            (evt.EVT_CONN_OPEN, handle_conn_open,
-             [self.associations, self.settings.max_associations_per_host]),
-            (evt.EVT_CONN_CLOSE, handle_conn_close, [self.associations]),
-            (evt.EVT_REQUESTED, handle_requested, [self.context]),
-            (evt.EVT_ACCEPTED, handle_accepted, [self.context]),
-            (evt.EVT_REJECTED, handle_rejected, [self.context]),
-            (evt.EVT_C_ECHO, handle_echo, [self.associations]),
-            (evt.EVT_C_STORE, handle_store, [self.context]),
-        ]
         self.spool.recover()
-        address = (self.settings.host, self.settings.port)
-        tls = server_tls_context(self.settings)
-        try:
-            self._server = start_server(self._ae, address, handlers, ssl_context=tls,
-                                        sink_factory=incoming_sink(self.context))
-        except OSError as exc:
-            raise IngestError(f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+        extra = self.settings.listener_processes - 1
+        self._listener.start(reuse_port=extra > 0)
+        if extra:
+            try:
+                self._start_processes(extra)
+            except IngestError:
+                self._stop_extra(grace=1.0)
+                self._listener.stop(grace=1.0)
+                raise
+        self._running = True
         self._monitor.start()
         if self.settings.metrics_port:
             self._http = MetricsServer(
@@ -209,10 +127,82 @@ class NodeServer:
             self._http.start()
         logger.info("node listening: %s", self.settings.describe())
 
+    def _start_processes(self, count: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop_processes = context.Event()
+        self._reports = context.Queue()
+        level = logging.getLogger().getEffectiveLevel()
+        for number in range(1, count + 1):
+            process = context.Process(
+                target=listener_process, name=f"listener-{number}", daemon=True,
+                args=(self.settings, number, self._stop_processes, self._reports, level))
+            process.start()
+            self._processes.append(process)
+        deadline = time.monotonic() + PROCESS_START_SECONDS
+        ready = 0
+        while ready < count:
+            try:
+                report = self._reports.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise IngestError(f"only {ready} of {count} extra listener processes started "
+                                  f"within {PROCESS_START_SECONDS:.0f} s") from None
+            if report[0] == "failed":
+                raise IngestError(f"listener process {report[1]} failed: {report[2]}")
+            ready += report[0] == "ready"
+        self._reader = threading.Thread(target=self._read_reports, name="listener-reports",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read_reports(self) -> None:
+        """Keep the latest counters of every extra process (until all have stopped)."""
+        while len(self._remote_clean) < len(self._processes):
+            try:
+                report = self._reports.get(timeout=0.5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in self._processes):
+                    return
+                continue
+            with self._lock:
+                if report[0] == "metrics":
+                    self._remote_metrics[report[1]] = report[2]
+                    self._remote_associations[report[1]] = report[3]
+                elif report[0] == "stopped":
+                    self._remote_clean[report[1]] = bool(report[2])
+
+    def _stop_extra(self, grace: float) -> bool:
+        """Stop the extra listener processes; True if all stopped cleanly."""
+        if not self._processes or self._stop_processes is None:
+            return True
+        self._stop_processes.set()
+        deadline = time.monotonic() + grace + 5.0
+        clean = True
+        for process in self._processes:
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.error("listener process %s did not stop: killing it", process.name)
+                process.kill()
+                process.join(5.0)
+                clean = False
+        if self._reader is not None:
+            self._reader.join(5.0)
+        with self._lock:
+            clean = clean and all(self._remote_clean.get(n, False)
+                                  for n in range(1, len(self._processes) + 1))
+        return clean
+
     @property
     def metrics_port(self) -> int:
         """Port of the metrics endpoint (0 if it is off)."""
         return self._http.port if self._http is not None else 0
+
+    def total_metrics(self) -> Metrics:
+        """The counters of every listener process added up."""
+        total = Metrics()
+        total.add(self.metrics.snapshot())
+        with self._lock:
+            for snapshot in self._remote_metrics.values():
+                total.add(snapshot)
+        return total
 
     def render_metrics(self) -> str:
         """The Prometheus text of the counters and the spool and queue gauges."""
@@ -221,14 +211,21 @@ class NodeServer:
             by_state[study.state] += 1
         gauges = {f'liver_node_studies{{state="{k.value}"}}': float(v) for k, v in by_state.items()}
         gauges["liver_node_queue_depth"] = float(self._monitor.queue_depth())
-        gauges["liver_node_active_associations"] = float(len(self._ae.active_associations))
+        with self._lock:
+            remote = sum(self._remote_associations.values())
+        gauges["liver_node_active_associations"] = float(len(self.ae.active_associations) + remote)
+        gauges["liver_node_listener_processes"] = float(
+            1 + sum(p.is_alive() for p in self._processes))
         gauges["liver_node_spool_free_bytes"] = float(shutil.disk_usage(self.spool.root).free)
-        return self.metrics.render(gauges)
+        return self.total_metrics().render(gauges)
 
     def health(self) -> str:
         """Empty if healthy, else why not (listener down, index unreadable, disk full)."""
-        if self._server is None:
+        if not self._running:
             return "listener not running"
+        for process in self._processes:
+            if not process.is_alive():
+                return f"listener process {process.name} exited with code {process.exitcode}"
         try:
             self.spool.studies(StudyState.QUEUED)
         except Exception as exc:
@@ -240,26 +237,17 @@ class NodeServer:
         return ""
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop listening, then the completion threads; closes the spool index.
+        """Stop listening (every process), then the completion threads; closes the spool.
 
         Open associations get ``grace`` seconds to finish, then are aborted (an instance not
         yet acknowledged is the peer's to resend). If none is left running the spool is closed
         as clean, so the next start skips its walk over every spool file.
         """
-        server, self._server = self._server, None
-        clean = True
-        if server is not None:
-            server.shutdown()
-            open_assocs = list(server.active_associations)
-            deadline = time.monotonic() + grace
-            for assoc in open_assocs:
-                assoc.join(max(0.0, deadline - time.monotonic()))
-                if assoc.is_alive():
-                    logger.warning("aborting association with %s at shutdown",
-                                   assoc.requestor.ae_title)
-                    assoc.abort()
-                    assoc.join(2.0)
-                    clean = clean and not assoc.is_alive()  # its handler may still write
+        self._running = False
+        if self._stop_processes is not None:
+            self._stop_processes.set()  # the others stop beside this one
+        clean = self._listener.stop(grace)
+        clean = self._stop_extra(grace) and clean
         if self._http is not None:
             self._http.stop()
             self._http = None
@@ -285,4 +273,3 @@ class NodeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
