@@ -19,7 +19,7 @@ from pynetdicom import AE, build_context
 
 from node.config import Settings
 from node.ingest import NodeServer
-from tests.conftest import make_ct_series
+from tests.conftest import make_ct_series, wait_until
 
 
 def _name(common_name: str) -> x509.Name:
@@ -86,17 +86,23 @@ def _store(port: int, tls: ssl.SSLContext | None) -> bool:
         assoc.release()
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_tls_with_client_certificates(
-    pki: Path, tmp_path: Path, free_port: Callable[[], int]
+    pki: Path, tmp_path: Path, free_port: Callable[[], int], processes: int
 ) -> None:
+    """With 2 listener processes connections alternate between them: each case is seen by
+    both (the handshake happens in the process that serves the connection)."""
     settings = Settings(port=free_port(), spool_dir=tmp_path / "spool", min_free_bytes=0,
                         tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                        tls_ca=str(pki / "ca.pem"))
+                        tls_ca=str(pki / "ca.pem"), listener_processes=processes)
+    rogue = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                       cafile=str(pki / "rogue-ca.pem"))
     with NodeServer(settings, lambda *_: None) as node:
-        assert _store(node.port, _client_context(pki))
-        assert not _store(node.port, None)  # plain TCP to a TLS port
-        assert not _store(node.port, _client_context(pki, cert=False))  # no client certificate
-        rogue = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                           cafile=str(pki / "rogue-ca.pem"))
-        assert not _store(node.port, rogue)  # the client does not trust the node's certificate
-        assert node.metrics.received == 1
+        for _ in range(2):
+            assert _store(node.port, _client_context(pki))
+            assert not _store(node.port, None)  # plain TCP to a TLS port
+            assert not _store(node.port, _client_context(pki, cert=False))  # no client cert
+            assert not _store(node.port, rogue)  # the client does not trust the node
+            assert _store(node.port, _client_context(pki))
+        assert node.metrics.received == (4 if processes == 1 else 2)
+        assert wait_until(lambda: node.total_metrics().received == 4, 5.0)

@@ -43,7 +43,6 @@ import logging
 import os
 import queue
 import select
-import socket
 import ssl
 import struct
 import threading
@@ -505,21 +504,15 @@ class NodeRequestHandler(RequestHandler):
         return assoc
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """A server whose socket other processes may bind too (``SO_REUSEPORT``): the kernel
-    spreads new connections over every socket bound to the port."""
-
-    def server_bind(self) -> None:
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
                  ssl_context: Any = None, sink_factory: SinkFactory | None = None,
-                 reuse_port: bool = False) -> ThreadedAssociationServer:
+                 server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer,
+                 serve: bool = True) -> ThreadedAssociationServer:
     """Like ``ae.start_server(address, block=False, ...)`` with :class:`NodeRequestHandler`;
-    ``sink_factory`` gives each C-STORE data set a :class:`StoreSink`; ``reuse_port``: let
-    other processes listen on the same port (:class:`ReusePortServer`).
+    ``sink_factory`` gives each C-STORE data set a :class:`StoreSink`.
+
+    ``serve=False``: the server accepts nothing itself (its socket is closed at once); its
+    owner hands it connections with ``server.process_request(socket, address)``.
 
     Raises OSError if the address cannot be bound.
     """
@@ -528,11 +521,13 @@ def start_server(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
                        pynetdicom.__version__, PYNETDICOM_VERSION)
     server = cast(ThreadedAssociationServer, ae.make_server(
         address, evt_handlers=list(evt_handlers), ssl_context=ssl_context,
-        server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
-        request_handler=NodeRequestHandler,
+        server_class=server_class, request_handler=NodeRequestHandler,
     ))
     drop_debug_handlers(server)
     server.node_sink_factory = sink_factory  # type: ignore[attr-defined]
+    if not serve:
+        server.server_close()
+        return server
     thread = threading.Thread(target=make_target(server.serve_forever), name="NodeAcceptor",
                               daemon=True)
     thread.start()

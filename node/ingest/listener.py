@@ -1,24 +1,30 @@
-"""The storage SCP of the node, in this process and optionally in more (same port).
+"""The storage SCP of the node, in this process and optionally in more.
 
-:class:`Listener` is one listening socket with its AE, handlers and per-association log,
-storing into the shared spool. :class:`node.ingest.server.NodeServer` runs one in its own
-process and, with ``listener_processes`` > 1, starts more with :func:`listener_process`: every
-socket is bound with ``SO_REUSEPORT`` and the kernel spreads new connections over them, so
+:class:`Listener` is one storage SCP (AE, handlers, per-association log) storing into the
+shared spool. :class:`node.ingest.server.NodeServer` runs one in its own process, listening on
+the node's port, and with ``listener_processes`` > 1 starts more with :func:`listener_process`.
+The first process accepts every connection and hands them out in turn, itself included
+(:class:`DispatchServer`: the socket goes over a Unix socket pair, ``SCM_RIGHTS``), so
 concurrent senders are served by several interpreters (one core each) instead of threads that
-share one. The extra processes only store (the spool index is SQLite in WAL mode: many
-processes, one writer at a time); completion, analysis and the metrics endpoint stay in the
-first process, which adds up the counters the others report.
+share one, and evenly (the kernel's ``SO_REUSEPORT`` spreading is random: 4 connections over
+2 processes all land on one 1 time in 8). Only the first process listens on the network. The
+extra processes only store (the spool index is SQLite in WAL mode: many processes, one writer
+at a time); completion, analysis and the metrics endpoint stay in the first process, which
+adds up the counters the others report.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
+import socket
 import ssl
+import threading
 import time
 from multiprocessing.synchronize import Event as EventType
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import (
     Comprehensive3DSRStorage,
@@ -148,6 +154,7 @@ class Listener:
         )
         self.ae = build_ae(settings)
         self.server: ThreadedAssociationServer | None = None
+        self._accepting = False
 
     @property
     def port(self) -> int:
@@ -156,8 +163,9 @@ class Listener:
             raise IngestError("the listener is not running")
         return int(self.server.server_address[1])
 
-    def start(self, reuse_port: bool = False) -> None:
-        """Listen (``reuse_port``: other processes may listen on the same port).
+    def start(self, accept: bool = True) -> None:
+        """Listen on the node's address, or (``accept=False``, an extra listener process)
+        only serve the connections handed over with :meth:`serve_handed`.
 
         Raises
         ------
@@ -174,14 +182,40 @@ class Listener:
             (evt.EVT_C_ECHO, handle_echo, [self.associations]),
             (evt.EVT_C_STORE, handle_store, [self.context]),
         ]
-        address = (self.settings.host, self.settings.port)
+        address = (self.settings.host, self.settings.port) if accept else ("127.0.0.1", 0)
         tls = server_tls_context(self.settings)
         try:
             self.server = start_server(self.ae, address, handlers, ssl_context=tls,
                                        sink_factory=incoming_sink(self.context),
-                                       reuse_port=reuse_port)
+                                       server_class=DispatchServer, serve=accept)
         except OSError as exc:
             raise IngestError(f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+        self._accepting = accept
+
+    def hand_out(self, channels: list[socket.socket]) -> None:
+        """From now on, hand accepted connections in turn to the processes at the other end
+        of ``channels`` (this one included)."""
+        if self.server is not None:
+            cast(DispatchServer, self.server).channels = channels
+
+    def serve_handed(self, channel: socket.socket) -> None:
+        """Serve the connections that arrive over ``channel`` until it is closed."""
+        server = cast(DispatchServer, self.server)
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(channel, 1024, 4)
+            except OSError:
+                return
+            if not message and not fds:
+                return  # the first process closed its end
+            for fd in fds:
+                connection = socket.socket(fileno=fd)
+                try:
+                    address = tuple(json.loads(message))
+                    server.serve_connection(connection, cast(tuple[str, int], address))
+                except Exception:  # one bad hand-over must not stop the others
+                    logger.exception("cannot serve a handed-over connection")
+                    connection.close()
 
     def stop(self, grace: float = 5.0) -> bool:
         """Stop listening; open associations get ``grace`` seconds, then are aborted.
@@ -192,7 +226,8 @@ class Listener:
         clean = True
         if server is None:
             return clean
-        server.shutdown()
+        if self._accepting:
+            server.shutdown()
         deadline = time.monotonic() + grace
         for assoc in list(server.active_associations):
             assoc.join(max(0.0, deadline - time.monotonic()))
@@ -205,19 +240,60 @@ class Listener:
         return clean
 
 
+class DispatchServer(ThreadedAssociationServer):
+    """The node's server: serves a connection itself or hands it to the next extra listener
+    process in turn (:attr:`channels`: Unix sockets to them; empty: serve everything).
+
+    TLS is set up by whichever process serves the connection (pynetdicom does it in
+    ``get_request``, which would leave nothing to hand over)."""
+
+    channels: list[socket.socket] = []
+    _turn = 0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        connection, address = cast(socket.socket, self.socket).accept()
+        return connection, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        channels = self.channels
+        turn, self._turn = self._turn % (len(channels) + 1), self._turn + 1
+        if turn:
+            message = json.dumps(list(client_address)).encode()
+            try:
+                socket.send_fds(channels[turn - 1], [message], [request.fileno()])
+            except OSError:
+                logger.exception("cannot hand a connection to listener process %d: serving "
+                                 "it here", turn)
+            else:
+                request.close()  # this process's copy; the other one serves it
+                return
+        self.serve_connection(request, client_address)
+
+    def serve_connection(self, connection: socket.socket, address: tuple[str, int]) -> None:
+        """Serve ``connection`` on a new association thread (after the TLS handshake)."""
+        if self.ssl_context is not None:
+            try:
+                connection = self.ssl_context.wrap_socket(connection, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", address[0], exc)
+                connection.close()
+                return
+        super().process_request(connection, address)
+
+
 REPORT_SECONDS = 1.0
 """How often an extra listener process reports its counters to the first."""
 
 
-def listener_process(settings: Settings, number: int, stop: EventType,
+def listener_process(settings: Settings, number: int, channel: socket.socket, stop: EventType,
                      reports: queue.Queue[tuple[Any, ...]], log_level: int) -> None:
     """Entry point of an extra listener process (``multiprocessing``, spawn).
 
-    Listens on ``settings.port`` beside the first process, reports ``("ready", number, pid)``
-    (or ``("failed", number, reason)``), then ``("metrics", number, snapshot, associations)``
-    every :data:`REPORT_SECONDS`, until ``stop`` is set or the parent process is gone (a kill
-    of the node takes its listeners with it); then stops like the first process and reports
-    ``("stopped", number, clean)``.
+    Serves the connections the first process hands over ``channel``; reports
+    ``("ready", number, pid)`` (or ``("failed", number, reason)``), then
+    ``("metrics", number, snapshot, associations)`` every :data:`REPORT_SECONDS`, until
+    ``stop`` is set or the parent process is gone (a kill of the node takes its listeners
+    with it); then stops like the first process and reports ``("stopped", number, clean)``.
     """
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s "
                         "%(processName)s %(name)s: %(message)s")
@@ -227,11 +303,14 @@ def listener_process(settings: Settings, number: int, stop: EventType,
     metrics = Metrics()
     listener = Listener(settings, spool, metrics)
     try:
-        listener.start(reuse_port=True)
+        listener.start(accept=False)
     except IngestError as exc:
         reports.put(("failed", number, str(exc)))
         spool.close()
         return
+    receiver = threading.Thread(target=listener.serve_handed, args=(channel,),
+                                name="handed-connections", daemon=True)
+    receiver.start()
     reports.put(("ready", number, os.getpid()))
     last = time.monotonic()
     while not stop.wait(0.2) and os.getppid() == parent:
@@ -241,6 +320,12 @@ def listener_process(settings: Settings, number: int, stop: EventType,
             last = time.monotonic()
     if os.getppid() != parent:
         logger.error("listener process %d: the node process is gone, stopping", number)
+    try:
+        channel.shutdown(socket.SHUT_RDWR)  # wakes the receiver: no more hand-overs
+    except OSError:
+        pass
+    receiver.join(5.0)
+    channel.close()
     clean = listener.stop()
     spool.close()
     reports.put(("metrics", number, metrics.snapshot(), 0))

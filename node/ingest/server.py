@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import queue
 import shutil
+import socket
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -70,6 +71,7 @@ class NodeServer:
         self._running = False
         self._http: MetricsServer | None = None
         self._processes: list[BaseProcess] = []
+        self._channels: list[socket.socket] = []
         self._stop_processes: EventType | None = None
         self._reports: Any = None  # multiprocessing Queue of the extra processes' reports
         self._reader: threading.Thread | None = None
@@ -110,7 +112,7 @@ class NodeServer:
         """
         self.spool.recover()
         extra = self.settings.listener_processes - 1
-        self._listener.start(reuse_port=extra > 0)
+        self._listener.start()
         if extra:
             try:
                 self._start_processes(extra)
@@ -133,11 +135,14 @@ class NodeServer:
         self._reports = context.Queue()
         level = logging.getLogger().getEffectiveLevel()
         for number in range(1, count + 1):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             process = context.Process(
                 target=listener_process, name=f"listener-{number}", daemon=True,
-                args=(self.settings, number, self._stop_processes, self._reports, level))
+                args=(self.settings, number, theirs, self._stop_processes, self._reports, level))
             process.start()
+            theirs.close()
             self._processes.append(process)
+            self._channels.append(ours)
         deadline = time.monotonic() + PROCESS_START_SECONDS
         ready = 0
         while ready < count:
@@ -149,6 +154,7 @@ class NodeServer:
             if report[0] == "failed":
                 raise IngestError(f"listener process {report[1]} failed: {report[2]}")
             ready += report[0] == "ready"
+        self._listener.hand_out(self._channels)
         self._reader = threading.Thread(target=self._read_reports, name="listener-reports",
                                         daemon=True)
         self._reader.start()
@@ -174,6 +180,8 @@ class NodeServer:
         if not self._processes or self._stop_processes is None:
             return True
         self._stop_processes.set()
+        for channel in self._channels:
+            channel.close()
         deadline = time.monotonic() + grace + 5.0
         clean = True
         for process in self._processes:
