@@ -8,6 +8,7 @@ process adds up both, and stopping the node stops both cleanly.
 from __future__ import annotations
 
 import os
+import signal
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +77,24 @@ def test_listener_processes_must_be_positive(tmp_path: Path) -> None:
     config.write_text("listener_processes = 0\n")
     with pytest.raises(ConfigError, match="listener_processes"):
         load_settings(config, environ={})
+
+
+def test_a_listener_process_that_ends_is_reported_and_its_share_served_here(
+        start_node: NodeFactory) -> None:
+    """SIGTERM (systemd signals every process of a service) stops a listener process
+    gracefully; the node reports it unhealthy and serves the connections itself."""
+    node = start_node(lambda uid, path: None, listener_processes=2, min_free_bytes=0)
+    (pid,) = node.listener_pids
+    os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not _alive(pid), 10.0)
+    assert "listener-1 exited with code 0" in node.health()
+    for ds in make_ct_series(n=4, size=32):
+        ae = AE(ae_title="SCANNER")
+        assoc = ae.associate("127.0.0.1", node.port, [build_context(CTImageStorage)],
+                             ae_title="LIVERNODE")
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(ds).Status) == 0x0000
+        finally:
+            assoc.release()
+    assert node.metrics.received == 4

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import ssl
 import threading
@@ -292,9 +293,15 @@ def listener_process(settings: Settings, number: int, channel: socket.socket, st
     Serves the connections the first process hands over ``channel``; reports
     ``("ready", number, pid)`` (or ``("failed", number, reason)``), then
     ``("metrics", number, snapshot, associations)`` every :data:`REPORT_SECONDS`, until
-    ``stop`` is set or the parent process is gone (a kill of the node takes its listeners
-    with it); then stops like the first process and reports ``("stopped", number, clean)``.
+    ``stop`` is set, the process gets SIGINT or SIGTERM, or the parent process is gone (a kill
+    of the node takes its listeners with it); then stops like the first process and reports
+    ``("stopped", number, clean)``.
     """
+    # Ctrl-C reaches the whole process group and systemd signals every process of the
+    # service: stop as gracefully as when the first process asks.
+    signalled = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: signalled.set())
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s "
                         "%(processName)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(max(log_level, logging.WARNING))
@@ -313,7 +320,7 @@ def listener_process(settings: Settings, number: int, channel: socket.socket, st
     receiver.start()
     reports.put(("ready", number, os.getpid()))
     last = time.monotonic()
-    while not stop.wait(0.2) and os.getppid() == parent:
+    while not stop.wait(0.2) and not signalled.is_set() and os.getppid() == parent:
         if time.monotonic() - last >= REPORT_SECONDS:
             active = len(listener.ae.active_associations)
             reports.put(("metrics", number, metrics.snapshot(), active))
