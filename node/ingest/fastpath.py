@@ -120,11 +120,14 @@ class NodeDUL(DULServiceProvider):
     def send_now(self, pdu: bytes) -> bool:
         """Send an encoded P-DATA-TF on the calling thread if the association is established
         (Sta6: sending P-DATA keeps that state, PS3.8 9.2 action DT-1) and nothing is queued
-        before it; False (nothing sent) otherwise, or if anyone listens to sent PDUs.
+        before it; False (nothing sent) otherwise, over TLS (the network thread may be reading
+        the same TLS connection, which OpenSSL does not allow from two threads), or if anyone
+        listens to sent PDUs.
 
         Saves the hand-over to the network thread (~0.3 ms per C-STORE response)."""
         lock, sock = self._send_lock, self.socket
         if (lock is None or sock is None or self.state_machine.current_state != "Sta6"
+                or isinstance(sock.socket, ssl.SSLSocket)  # one TLS object, one thread
                 or self.assoc.get_handlers(evt.EVT_PDU_SENT)
                 or self.assoc.get_handlers(evt.EVT_DATA_SENT)):
             return False
