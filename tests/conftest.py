@@ -90,6 +90,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return predicate()
 
 
+def process_alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie (read from /proc)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 @pytest.fixture
 def start_node(tmp_path: Path, free_port: Callable[[], int]) -> Iterator[NodeFactory]:
     """Start real :class:`NodeServer` listeners on free ports; all are stopped afterwards.

@@ -27,7 +27,7 @@ from pynetdicom import AE, build_context, evt
 
 from node.archive.dimse import set_nodelay
 from node.ingest.spool import Spool, StudyState, request_analysis, study_record
-from tests.conftest import make_ct_series
+from tests.conftest import make_ct_series, process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,14 +165,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_kill9_with_two_listener_processes(tmp_path: Path,
                                            free_port: Callable[[], int]) -> None:
     """Both listener processes store durably; killing the node takes the other one with it
@@ -183,7 +175,7 @@ def test_kill9_with_two_listener_processes(tmp_path: Path,
     try:
         node.start()
         assert node.proc is not None
-        children = [c for c in _children(node.proc.pid) if _alive(c)]
+        children = [c for c in _children(node.proc.pid) if process_alive(c)]
         assert children, "no extra listener process"
         groups = [make_ct_series(n=60, size=64) for _ in range(6)]
         acked: list[list[Dataset]] = [[] for _ in groups]
@@ -194,7 +186,7 @@ def test_kill9_with_two_listener_processes(tmp_path: Path,
             sender.start()
         assert progress.wait(30)
         node.kill9()
-        _wait(lambda: not any(_alive(c) for c in children), timeout=5.0)
+        _wait(lambda: not any(process_alive(c) for c in children), timeout=5.0)
         for sender in senders:
             sender.join(30)
         done = [ds for got in acked for ds in got]

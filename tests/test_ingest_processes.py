@@ -21,15 +21,7 @@ from node.archive.dimse import set_nodelay
 from node.config import load_settings
 from node.errors import ConfigError
 from node.ingest.spool import CLEAN_MARKER
-from tests.conftest import NodeFactory, make_ct_series, wait_until
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from tests.conftest import NodeFactory, make_ct_series, process_alive, wait_until
 
 
 def test_two_listener_processes_share_the_port_the_spool_and_the_counters(
@@ -37,7 +29,7 @@ def test_two_listener_processes_share_the_port_the_spool_and_the_counters(
     node = start_node(lambda uid, path: None, listener_processes=2, min_free_bytes=0,
                       metrics_port=free_port())
     (pid,) = node.listener_pids
-    assert _alive(pid) and pid != os.getpid()
+    assert process_alive(pid) and pid != os.getpid()
     series = make_ct_series(n=16, size=32)
     for ds in series:  # one association each
         ae = AE(ae_title="SCANNER")
@@ -66,9 +58,9 @@ def test_stop_ends_every_listener_process_and_closes_the_spool_clean(
         start_node: NodeFactory) -> None:
     node = start_node(lambda uid, path: None, listener_processes=3)
     pids = node.listener_pids
-    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert len(pids) == 2 and all(process_alive(p) for p in pids)
     node.stop()
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)
     assert (node.spool.root / CLEAN_MARKER).exists()
 
 
@@ -86,7 +78,7 @@ def test_a_listener_process_that_ends_is_reported_and_its_share_served_here(
     node = start_node(lambda uid, path: None, listener_processes=2, min_free_bytes=0)
     (pid,) = node.listener_pids
     os.kill(pid, signal.SIGTERM)
-    assert wait_until(lambda: not _alive(pid), 10.0)
+    assert wait_until(lambda: not process_alive(pid), 10.0)
     assert "listener-1 exited with code 0" in node.health()
     for ds in make_ct_series(n=4, size=32):
         ae = AE(ae_title="SCANNER")
