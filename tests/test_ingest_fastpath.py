@@ -26,16 +26,14 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
+from node.ingest.dul import NodeAssociationSocket, NodeDUL, pdata_tf
 from node.ingest.fastpath import (
     PYNETDICOM_VERSION,
     NodeAssociation,
-    NodeAssociationSocket,
     NodeDIMSEServiceProvider,
-    NodeDUL,
     drop_debug_handlers,
     encode_store_response,
     parse_store_request,
-    pdata_tf,
 )
 from node.ingest.server import NodeServer
 from tests.conftest import NodeFactory, wait_until

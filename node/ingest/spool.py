@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from node.errors import IngestError
+from node.ingest.incoming import Incoming, write_all
 from node.ingest.index import (
     InstanceRecord,
     SpoolIndex,
@@ -67,102 +67,6 @@ CLEAN_MARKER = "clean-shutdown"
 
 INCOMING = "incoming"
 """Directory in the spool root holding instances still being received or synced."""
-
-SYNC_WAIT = 120.0
-"""Seconds a commit waits for the network thread to have synced an instance."""
-
-
-class Incoming:
-    """One instance on its way into the spool: a temporary file in ``<spool>/incoming/``.
-
-    The listener appends each network fragment as it arrives (:meth:`write`: written while
-    the peer sends the next one) and, after the last, syncs the file on the association's
-    network thread (:meth:`finish`) while the handler thread checks the data set and hashes it;
-    :meth:`Spool.commit` waits for the sync, then moves the file into place, or :meth:`discard`
-    deletes it. ``hashed``: also hash what is written (else the committer passes the hash).
-    Made by :meth:`Spool.incoming`.
-    """
-
-    def __init__(self, directory: Path, sync: bool, max_bytes: int, hashed: bool = True) -> None:
-        fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        self.path = Path(name)
-        self._fd: int | None = fd
-        self._sync = sync
-        self._max_bytes = max_bytes
-        self._sha = hashlib.sha256() if hashed else None
-        self.header = b""  # the Part 10 header it starts with (set by Spool.incoming)
-        self._finished = threading.Event()
-        self.size = 0
-        self.error: OSError | None = None
-        self.overflow = False  # more than max_bytes arrived: the rest is not written
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Append ``data``; a failure is kept in :attr:`error` and raised by :meth:`wait`."""
-        self.size += len(data)
-        if self.size > self._max_bytes:
-            self.overflow = True
-        if self.overflow or self.error is not None or self._fd is None:
-            return
-        try:
-            _write_all(self._fd, [data])
-        except OSError as exc:
-            self.error = exc
-        if self._sha is not None:
-            self._sha.update(data)
-
-    def finish(self) -> None:
-        """Every part was written: fdatasync them (if the spool syncs); a failure is kept in
-        :attr:`error` and raised by :meth:`wait`."""
-        try:
-            fd = self._fd
-            if self._sync and fd is not None and self.error is None and not self.overflow:
-                os.fdatasync(fd)
-        except OSError as exc:
-            self.error = exc
-        finally:
-            self._finished.set()
-
-    @property
-    def sha256(self) -> str:
-        """SHA-256 of what was written (only if made ``hashed``)."""
-        if self._sha is None:
-            raise ValueError(f"{self.path.name} was made without hashing")
-        return self._sha.hexdigest()
-
-    def wait(self, timeout: float = SYNC_WAIT) -> None:
-        """Until :meth:`finish` is done; raises the write or sync error, if any."""
-        if not self._finished.wait(timeout):
-            raise OSError(f"{self.path.name} was not synced within {timeout:.0f} s")
-        if self.error is not None:
-            raise self.error
-        if self.overflow:
-            raise OSError(f"{self.path.name} exceeds {self._max_bytes} bytes")
-
-    def close(self) -> None:
-        """Close the file (it stays, for :meth:`Spool.commit` to rename)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def discard(self) -> None:
-        """Close and delete the temporary file (no-op once committed)."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
-
-
-def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
-    """Write ``parts`` one after the other (``writev``: one system call for most instances)."""
-    views = [memoryview(part).cast("B") for part in parts if len(part)]
-    while views:
-        done = os.writev(fd, views[:_IOV_MAX])
-        while views and done >= len(views[0]):
-            done -= len(views.pop(0))
-        if done:
-            views[0] = views[0][done:]
-
 
 def is_valid_uid(uid: str) -> bool:
     """True if ``uid`` is a well-formed DICOM UID (PS3.5 9.1)."""
@@ -203,7 +107,7 @@ def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            _write_all(fd, [data] if isinstance(data, bytes) else data)
+            write_all(fd, [data] if isinstance(data, bytes) else data)
             if sync:  # fdatasync also flushes the size, all reading the data back needs (POSIX)
                 os.fdatasync(fd)
         finally:
