@@ -14,12 +14,14 @@ Sends the same study of N CT images (512 x 512 int16, default 300) with DCMTK's 
 
 on one association, one after the other in each of ``--rounds`` rounds (a new study, new UIDs,
 per round; the page cache written back before each receiver), so that every receiver sees
-the same machine load; then to the node on 4
-concurrent associations, then checks the node's RSS growth over ``--rss-instances`` further
-instances. Prints the median instances/s, the median per-round ratio to storescp and the bars
-of issue #3::
+the same machine load; then to the node on 4 concurrent associations, then checks the node's
+RSS growth (all its processes) over ``--rss-instances`` further instances. The node runs with
+``listener_processes`` = ``--listener-processes`` (default: the CPU cores, at most 4). Every
+receiver stores under ``--dir`` (default: the system temp directory). Prints the median
+instances/s, the median per-round ratio to storescp and the bars of issue #3::
 
     .venv/bin/python benchmarks/ingest.py [--images 300] [--rounds 3] [--rss-instances 3000]
+        [--listener-processes N] [--dir DIR]
 """
 
 from __future__ import annotations
