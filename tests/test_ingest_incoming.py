@@ -256,3 +256,17 @@ def test_an_unhashed_incoming_file_is_committed_with_the_hash_given(tmp_path: Pa
     assert record is not None and record.sha256 == digest
     assert hashlib.sha256(record.path.read_bytes()).hexdigest() == digest
     spool.close()
+
+
+def test_discard_after_commit_leaves_a_new_file_of_the_same_name(tmp_path: Path) -> None:
+    """mkstemp may hand a committed file's temporary name to the next instance: the first
+    instance's (late) discard must not delete it."""
+    spool = Spool(tmp_path / "spool")
+    first = spool.incoming(b"HEAD")
+    first.write(b"one")
+    first.finish()
+    spool.commit(first, STUDY, SERIES, SOP, CTImageStorage)
+    first.path.write_bytes(b"another instance, same temporary name")
+    first.discard()
+    assert first.path.exists()
+    spool.close()

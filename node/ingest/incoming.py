@@ -42,6 +42,7 @@ class Incoming:
         self.size = 0
         self.error: OSError | None = None
         self.overflow = False  # more than max_bytes arrived: the rest is not written
+        self._moved = False
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; a failure is kept in :attr:`error` and raised by :meth:`wait`."""
@@ -91,10 +92,18 @@ class Incoming:
         if fd is not None:
             os.close(fd)
 
-    def discard(self) -> None:
-        """Close and delete the temporary file (no-op once committed)."""
+    def move_to(self, path: Path) -> None:
+        """Close the file and rename it to ``path`` (its final name); :meth:`discard` is a
+        no-op afterwards (a new temporary file may have taken the old name by then)."""
         self.close()
-        self.path.unlink(missing_ok=True)
+        os.replace(self.path, path)
+        self._moved = True
+
+    def discard(self) -> None:
+        """Close and delete the temporary file (no-op once moved into place)."""
+        self.close()
+        if not self._moved:
+            self.path.unlink(missing_ok=True)
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16

@@ -307,8 +307,7 @@ class Spool:
             _make_dirs_durable(path.parent, self.studies_dir)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-        incoming.close()
-        os.replace(incoming.path, path)
+        incoming.move_to(path)
         if self.sync:
             _fsync_dir(path.parent)
         record = InstanceRecord(sop_instance_uid, study_instance_uid, series_instance_uid,
