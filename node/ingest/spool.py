@@ -93,6 +93,14 @@ def _make_dirs_durable(path: Path, root: Path) -> None:
         _fsync_dir(created.parent)
 
 
+def _ensure_dir(directory: Path, root: Path, sync: bool) -> None:
+    """Create ``directory`` (below ``root``); ``sync``: durably (:func:`_make_dirs_durable`)."""
+    if sync:
+        _make_dirs_durable(directory, root)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+
+
 def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path,
                   sync: bool = True) -> None:
     """Write ``data`` (bytes, or parts written one after the other, never joined in memory)
@@ -100,10 +108,7 @@ def write_durably(path: Path, data: bytes | Sequence[bytes], root: Path,
 
     ``sync=False`` skips the two fsyncs: still atomic, but after a power loss (not after a
     crash of the process) the file may be missing or hold zeros."""
-    if sync:
-        _make_dirs_durable(path.parent, root)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_dir(path.parent, root, sync)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
@@ -303,10 +308,7 @@ class Spool:
         digest, size = sha256 or incoming.sha256, incoming.size
         if old is not None and old.sha256 == digest and old.path == path and path.exists():
             return StoreOutcome.DUPLICATE
-        if self.sync:
-            _make_dirs_durable(path.parent, self.studies_dir)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_dir(path.parent, self.studies_dir, self.sync)
         incoming.move_to(path)
         if self.sync:
             _fsync_dir(path.parent)
