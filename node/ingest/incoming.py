@@ -26,23 +26,27 @@ class Incoming:
     the peer sends the next one) and, after the last, syncs the file on the association's
     network thread (:meth:`finish`) while the handler thread checks the data set and hashes it;
     :meth:`Spool.commit` waits for the sync, then moves the file into place, or :meth:`discard`
-    deletes it. ``hashed``: also hash what is written (else the committer passes the hash).
-    Made by :meth:`Spool.incoming`.
+    deletes it. It starts with ``header`` (the Part 10 meta information); ``max_bytes`` bounds
+    what may follow; ``hashed``: also hash what is written (else the committer passes the
+    hash). Made by :meth:`Spool.incoming`.
     """
 
-    def __init__(self, directory: Path, sync: bool, max_bytes: int, hashed: bool = True) -> None:
+    def __init__(self, directory: Path, sync: bool, header: bytes, max_bytes: int,
+                 hashed: bool = True) -> None:
         fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
         self.path = Path(name)
         self._fd: int | None = fd
         self._sync = sync
-        self._max_bytes = max_bytes
+        self._max_bytes = max_bytes + len(header)
         self._sha = hashlib.sha256() if hashed else None
-        self.header = b""  # the Part 10 header it starts with (set by Spool.incoming)
+        self.header = header
         self._finished = threading.Event()
         self.size = 0
         self.error: OSError | None = None
         self.overflow = False  # more than max_bytes arrived: the rest is not written
         self._moved = False
+        if header:
+            self.write(header)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; a failure is kept in :attr:`error` and raised by :meth:`wait`."""

@@ -231,11 +231,7 @@ class Spool:
         OSError
             The temporary file could not be created.
         """
-        incoming = Incoming(self.incoming_dir, self.sync, max_bytes + len(header), hashed)
-        incoming.header = header
-        if header:
-            incoming.write(header)
-        return incoming
+        return Incoming(self.incoming_dir, self.sync, header, max_bytes, hashed)
 
     def store(
         self,
