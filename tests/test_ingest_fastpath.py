@@ -3,7 +3,8 @@
 The listener tests (test_ingest*.py) run every C-STORE, release, abort and network timeout
 through them (storescu checks every response it gets); these tests pin what those cannot see:
 reads split across TCP segments, a peer that closes mid-PDU, C-STORE responses byte for byte
-as pynetdicom encodes them, the class switch of every accepted association and the pinned
+as pynetdicom encodes them, P-DATA-TF items read as pynetdicom reads them and invalid ones
+aborting the association, the class switch of every accepted association and the pinned
 version.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import threading
 import time
 from io import BytesIO
@@ -19,14 +21,16 @@ from typing import cast
 
 import pynetdicom
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.ingest.dul import NodeAssociationSocket, NodeDUL, pdata_tf
+from node.ingest.dul import NodeAssociationSocket, NodeDUL, pdata_tf, pdv_items
 from node.ingest.fastpath import (
     PYNETDICOM_VERSION,
     NodeAssociation,
@@ -36,7 +40,7 @@ from node.ingest.fastpath import (
     parse_store_request,
 )
 from node.ingest.server import NodeServer
-from tests.conftest import NodeFactory, wait_until
+from tests.conftest import NodeFactory, make_ct_series, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,3 +254,95 @@ def test_a_command_in_the_middle_of_a_data_set_aborts() -> None:
     dimse.receive_primitive(pdatas[0])  # a command again
     assert dimse.dul.event_queue.get_nowait() == "Evt19"
     assert dimse.msg_queue.empty()
+
+
+def _pdata_tf_bytes(*items: tuple[int, bytes]) -> bytes:
+    pdata = P_DATA()
+    for item in items:
+        pdata.presentation_data_value_list.append(item)
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    return bytes(pdu.encode())
+
+
+def test_pdv_items_match_pynetdicoms_decoder() -> None:
+    items = [(1, b"\x03" + b"c" * 30), (3, b"\x00" + bytes(range(256)) * 9), (5, b"\x02x")]
+    encoded = _pdata_tf_bytes(*items)
+    pdu = P_DATA_TF()
+    pdu.decode(encoded)
+    expected = [(c, bytes(v)) for c, v in pdu.to_primitive().presentation_data_value_list]
+    got = pdv_items(encoded[6:])
+    assert got is not None
+    assert [(c, bytes(v)) for c, v in got] == expected == items
+    assert pdv_items(b"") == []
+
+
+@pytest.mark.parametrize("variable", [
+    bytes.fromhex("00000001") + b"\x01",             # an item of its context ID alone
+    bytes.fromhex("00000010") + b"\x01\x03abc",      # an item running past the PDU's end
+    bytes.fromhex("000000030103ff") + b"\x00\x00",   # a cut-off item header after a good item
+])
+def test_pdv_items_refuses_invalid_items(variable: bytes) -> None:
+    assert pdv_items(variable) is None
+
+
+def _ct_association(node: NodeServer) -> Association:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    assert wait_until(lambda: len(node.ae.active_associations) == 1)
+    return assoc
+
+
+def test_command_and_data_set_in_one_pdu_are_stored(start_node: NodeFactory) -> None:
+    """PS3.8 allows several PDVs in one P-DATA-TF: a whole C-STORE (command set and every data
+    fragment) in one PDU, taken by the DUL's direct P-DATA path, is stored and answered."""
+    node = start_node(lambda uid, path: None)
+    ds = make_ct_series(n=1, size=16)[0]
+    body = encode(ds, False, True)
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 7, 2
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+    rq.DataSet = BytesIO(body)
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    pdvs = [pdv for pdata in message.encode_msg(1, 200)
+            for pdv in pdata.presentation_data_value_list]
+    assert len(pdvs) > 3  # the command set and several data fragments
+    assoc = _ct_association(node)
+    try:
+        context_id = assoc.accepted_contexts[0].context_id
+        pdvs = [(context_id, data) for _, data in pdvs]
+        # Pause the requestor's reactor as its send_*() methods do, or it takes the response.
+        assoc._reactor_checkpoint.clear()
+        assert wait_until(lambda: assoc._is_paused)
+        cast(socket.socket, assoc.dul.socket.socket).sendall(_pdata_tf_bytes(*pdvs))
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert isinstance(rsp, C_STORE) and rsp.Status == 0x0000
+        assert rsp.MessageIDBeingRespondedTo == 7
+    finally:
+        assoc.release()
+    record = node.spool.instance(ds.SOPInstanceUID)
+    assert record is not None and record.path.read_bytes().endswith(body)
+
+
+@pytest.mark.parametrize("variable", [
+    bytes.fromhex("00000001") + b"\x01",
+    bytes.fromhex("00000010") + b"\x01\x03abc",
+])
+def test_invalid_pdata_aborts_the_association_and_the_node_serves_on(
+        start_node: NodeFactory, variable: bytes) -> None:
+    node = start_node(lambda uid, path: None)
+    assoc = _ct_association(node)
+    pdu = struct.pack(">BBI", 0x04, 0, len(variable)) + variable
+    cast(socket.socket, assoc.dul.socket.socket).sendall(pdu)
+    assert wait_until(lambda: assoc.is_aborted, timeout=5.0)  # the node sent A-ABORT
+    assert wait_until(lambda: not node.ae.active_associations, timeout=5.0)
+    again = _open_association(node)
+    try:
+        assert again.send_c_echo().Status == 0x0000
+    finally:
+        again.release()
+    assert not any(node.spool.incoming_dir.iterdir())
