@@ -28,7 +28,7 @@ from node.errors import IngestError
 from node.ingest.metrics import Metrics
 from node.ingest.part10 import file_meta_header
 from node.ingest.spool import Incoming, Spool, StoreOutcome, write_durably
-from node.ingest.validate import check_dataset
+from node.ingest.validate import Attributes, check_dataset, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def handle_echo(event: Event, log: AssociationLog) -> int:
     return 0x0000  # Success
 
 
-def _required_uids(ds: Dataset) -> tuple[str, str, str, str] | None:
+def _required_uids(ds: Dataset | Attributes) -> tuple[str, str, str, str] | None:
     values = []
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = ds.get(keyword)
@@ -272,16 +272,15 @@ def _store(event: Event, ctx: IngestContext, record: AssociationRecord,
     if size > ctx.max_instance_bytes:
         reason = f"{size} bytes exceeds max_instance_bytes={ctx.max_instance_bytes}"
         return _refuse(ctx, None, 0xA700, reason, who), 0, False  # Out of Resources
+    body = request.DataSet.getvalue() if request.DataSet is not None else b""
+    syntax = UID(event.context.transfer_syntax)
     try:
-        ds = event.dataset
+        ds = read_header(body, syntax) or event.dataset  # pydicom decodes what is not plain
         uids = _required_uids(ds)
     except Exception as exc:
         logger.exception("C-STORE from %s: the dataset cannot be decoded", who)
-        raw = request.DataSet.getvalue() if request.DataSet is not None else None
         # 0xC210 Cannot understand: dataset could not be decoded
-        return _refuse(ctx, raw, 0xC210, f"undecodable dataset: {exc}", who), 0, False
-    body = request.DataSet.getvalue() if request.DataSet is not None else b""
-    syntax = UID(event.context.transfer_syntax)
+        return _refuse(ctx, body or None, 0xC210, f"undecodable dataset: {exc}", who), 0, False
     if uids is None:
         reason = (f"instance {request.AffectedSOPInstanceUID} lacks Study/Series/SOP Instance"
                   " UID or SOP Class UID")
