@@ -25,6 +25,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from node.archive.dimse import set_nodelay
 from node.ingest import NodeServer
 from node.ingest.fastpath import NodeDIMSEServiceProvider
+from node.ingest.incoming import FilePool
 from node.ingest.spool import Spool, StoreOutcome
 from tests.conftest import NodeFactory, make_ct_series, wait_until
 from tests.test_ingest_fastpath import _node_dimse, _store_request_pdatas
@@ -213,6 +214,11 @@ def test_live_abort_in_the_middle_of_a_data_set_leaves_nothing_behind(
         start_node: NodeFactory) -> None:
     node = start_node(lambda uid, path: None, min_free_bytes=0)
     (ds,) = make_ct_series(n=1, size=256)
+    pool = node.spool.file_pool  # holds its ready files open: counted once it is full
+    fd, path = pool.take(node.spool.incoming_dir)  # starts the pool's thread
+    os.close(fd)
+    path.unlink()
+    assert wait_until(lambda: pool.ready == pool.size, 5.0)
     before = _open_fds()
     for _ in range(3):
         assoc = _associate(node)
@@ -227,7 +233,8 @@ def test_live_abort_in_the_middle_of_a_data_set_leaves_nothing_behind(
         assoc.abort()
         assert wait_until(lambda: not node.ae.active_associations, 5.0)
         assert wait_until(lambda: _incoming_files(node.spool) == [], 5.0)
-    assert wait_until(lambda: _open_fds() <= before, 5.0), (before, _open_fds())
+    assert wait_until(lambda: pool.ready == pool.size and _open_fds() <= before, 5.0), (
+        before, _open_fds())
     assoc = _associate(node)
     try:
         assert int(assoc.send_c_store(ds).Status) == 0x0000
@@ -269,4 +276,61 @@ def test_discard_after_commit_leaves_a_new_file_of_the_same_name(tmp_path: Path)
     first.path.write_bytes(b"another instance, same temporary name")
     first.discard()
     assert first.path.exists()
+    spool.close()
+
+
+def test_file_pool_hands_out_empty_files_made_ahead(tmp_path: Path) -> None:
+    ready_dir, target = tmp_path / "ready", tmp_path / "incoming"
+    ready_dir.mkdir()
+    target.mkdir()
+    pool = FilePool(ready_dir, size=3)
+    try:
+        first_fd, first = pool.take(target)  # made on the spot: the thread just started
+        assert wait_until(lambda: pool.ready == 3 and len(list(ready_dir.iterdir())) == 3)
+        made_ahead = {p.name for p in ready_dir.iterdir()}
+        fd, path = pool.take(target)
+        assert path.parent == target and path.name in made_ahead and path.stat().st_size == 0
+        os.write(fd, b"data")
+        assert path.read_bytes() == b"data"
+        assert wait_until(lambda: pool.ready == 3)  # refilled
+        for handle in (fd, first_fd):
+            os.close(handle)
+        assert first.parent == target
+    finally:
+        pool.close()
+    assert list(ready_dir.iterdir()) == []  # what was not taken is deleted
+    fd, path = pool.take(target)  # closed: still works, without a thread
+    os.close(fd)
+    assert path.parent == target and list(ready_dir.iterdir()) == []
+
+
+def test_file_pool_without_its_directory_creates_in_place(tmp_path: Path) -> None:
+    ready_dir, target = tmp_path / "ready", tmp_path / "incoming"
+    ready_dir.mkdir()
+    target.mkdir()
+    pool = FilePool(ready_dir, size=2)
+    try:
+        os.close(pool.take(target)[0])
+        assert wait_until(lambda: pool.ready == 2)
+        for path in ready_dir.iterdir():
+            path.unlink()  # the ready files vanish (e.g. a recovery by another process)
+        ready_dir.rmdir()
+        fd, path = pool.take(target)  # the rename fails: a file is made in place
+        os.close(fd)
+        assert path.parent == target and path.exists()
+    finally:
+        pool.close()
+
+
+def test_spool_recovery_and_close_remove_the_pools_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.incoming(b"x").discard()
+    ready_dir = spool.root / "ready"
+    assert wait_until(lambda: spool.file_pool.ready == spool.file_pool.size)
+    spool.close()
+    assert list(ready_dir.iterdir()) == []
+    (ready_dir / "left-by-a-crash.tmp").write_bytes(b"")
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    assert list(ready_dir.iterdir()) == []
     spool.close()

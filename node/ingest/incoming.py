@@ -3,17 +3,22 @@
 :class:`Incoming` is the temporary file in ``<spool>/incoming/`` that the listener writes each
 network fragment into while the rest arrives; :meth:`node.ingest.spool.Spool.commit` moves it
 into place once it is synced and checked. Only the spool makes them
-(:meth:`node.ingest.spool.Spool.incoming`).
+(:meth:`node.ingest.spool.Spool.incoming`), from empty files its :class:`FilePool` made ahead
+in ``<spool>/ready/``.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import logging
 import os
 import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 SYNC_WAIT = 120.0
 """Seconds a commit waits for the network thread to have synced an instance."""
@@ -28,13 +33,17 @@ class Incoming:
     :meth:`Spool.commit` waits for the sync, then moves the file into place, or :meth:`discard`
     deletes it. It starts with ``header`` (the Part 10 meta information); ``max_bytes`` bounds
     what may follow; ``hashed``: also hash what is written (else the committer passes the
-    hash). Made by :meth:`Spool.incoming`.
+    hash); ``pool``: where to take the empty file from (else it is created here). Made by
+    :meth:`Spool.incoming`.
     """
 
     def __init__(self, directory: Path, sync: bool, header: bytes, max_bytes: int,
-                 hashed: bool = True) -> None:
-        fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        self.path = Path(name)
+                 hashed: bool = True, pool: FilePool | None = None) -> None:
+        if pool is not None:
+            fd, self.path = pool.take(directory)
+        else:
+            fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            self.path = Path(name)
         self._fd: int | None = fd
         self._sync = sync
         self._max_bytes = max_bytes + len(header)
@@ -122,3 +131,80 @@ def write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
             done -= len(views.pop(0))
         if done:
             views[0] = views[0][done:]
+
+
+class FilePool:
+    """Empty files made ahead of need in ``directory`` by a background thread.
+
+    Creating a file costs 0.2-1 ms of kernel time on a busy ext4 file system (the inode
+    allocator reads inode table blocks to skip recently deleted inodes; measured with perf on
+    the benchmark machine), on the network thread while the peer waits for the response. The
+    pool's thread keeps ``size`` files ready; :meth:`take` renames one into the directory
+    asked for (no allocation) or, if none is ready, creates one there itself. Files left in
+    ``directory`` by a crash are empty and never acknowledged: recovery deletes them.
+    """
+
+    def __init__(self, directory: Path, size: int = 8) -> None:
+        self.directory = directory
+        self.size = size
+        self._ready: collections.deque[tuple[int, Path]] = collections.deque()
+        self._wanted = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> int:
+        """How many files are ready now."""
+        with self._wanted:
+            return len(self._ready)
+
+    def take(self, directory: Path) -> tuple[int, Path]:
+        """An open empty file (descriptor, path) in ``directory``, ``.tmp`` named."""
+        with self._wanted:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._fill, name="FilePool",
+                                                daemon=True)
+                self._thread.start()
+            ready = self._ready.popleft() if self._ready else None
+            self._wanted.notify()
+        if ready is not None:
+            fd, path = ready
+            target = directory / path.name
+            try:
+                os.rename(path, target)
+                return fd, target
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        return fd, Path(name)
+
+    def _fill(self) -> None:
+        while True:
+            with self._wanted:
+                while not self._stopped and len(self._ready) >= self.size:
+                    self._wanted.wait()
+                if self._stopped:
+                    return
+            try:
+                fd, name = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            except OSError as exc:  # e.g. the disk is full: take() creates its own
+                logger.warning("file pool in %s: %s", self.directory, exc)
+                with self._wanted:
+                    self._wanted.wait(1.0)
+                continue
+            with self._wanted:
+                self._ready.append((fd, Path(name)))
+
+    def close(self) -> None:
+        """Stop the thread and delete the files not taken."""
+        with self._wanted:
+            self._stopped = True
+            self._wanted.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        while self._ready:
+            fd, path = self._ready.popleft()
+            os.close(fd)
+            path.unlink(missing_ok=True)

@@ -4,10 +4,11 @@ Layout: ``<spool_dir>/studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanc
 (DICOM Part 10 files, PS3.10) and, with the default index, ``<spool_dir>/index.sqlite3``
 (:mod:`node.ingest.index`). An instance is written to a temporary file in
 ``<spool_dir>/incoming/`` (:class:`Incoming`: the listener appends each network fragment as it
-arrives), fdatasync'ed, renamed to its final name and the directory fsync'ed, then indexed;
-only then is the instance acknowledged, so an acknowledged instance survives a crash or power
-loss. The files are the truth: :meth:`Spool.recover` deletes unfinished temporary files (never
-acknowledged) and indexes any instance file whose index entry was lost.
+arrives; the empty file was made ahead in ``<spool_dir>/ready/``), fdatasync'ed, renamed to
+its final name and the directory fsync'ed, then indexed; only then is the instance
+acknowledged, so an acknowledged instance survives a crash or power loss. The files are the
+truth: :meth:`Spool.recover` deletes unfinished temporary files (never acknowledged) and
+indexes any instance file whose index entry was lost.
 
 Study states: ``pending`` (receiving; becomes complete after ``stable_seconds`` of silence),
 ``queued``, ``processing``, ``done``, ``failed``. Any new instance puts a study back to
@@ -30,7 +31,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from node.errors import IngestError
-from node.ingest.incoming import Incoming, write_all
+from node.ingest.incoming import FilePool, Incoming, write_all
 from node.ingest.index import (
     InstanceRecord,
     SpoolIndex,
@@ -66,6 +67,7 @@ CLEAN_MARKER = "clean-shutdown"
 
 
 INCOMING = "incoming"
+READY = "ready"  # empty files made ahead for incoming/ (node.ingest.incoming.FilePool)
 """Directory in the spool root holding instances still being received or synced."""
 
 def is_valid_uid(uid: str) -> bool:
@@ -147,6 +149,8 @@ class Spool:
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.incoming_dir = self.root / INCOMING
         self.incoming_dir.mkdir(exist_ok=True)
+        (self.root / READY).mkdir(exist_ok=True)
+        self.file_pool = FilePool(self.root / READY)
         self.index: SpoolIndex = index or SQLiteIndex(self.root / INDEX_NAME)
 
     def recover(self) -> list[str]:
@@ -173,6 +177,8 @@ class Spool:
         for tmp in self.incoming_dir.iterdir():
             logger.warning("spool recovery: removing unfinished write %s", tmp)
             tmp.unlink(missing_ok=True)
+        for tmp in (self.root / READY).iterdir():
+            tmp.unlink(missing_ok=True)  # empty, made ahead by a file pool
         if marker.exists():
             marker.unlink()
             _fsync_dir(self.root)
@@ -211,6 +217,7 @@ class Spool:
     def close(self, clean: bool = False) -> None:
         """Close the index; ``clean``: no write is in flight, so the next :meth:`recover` may
         skip its walk over every file (linear in the spool size)."""
+        self.file_pool.close()
         self.index.close()
         if clean:
             write_durably(self.root / CLEAN_MARKER, b"clean shutdown\n", self.root,
@@ -231,7 +238,7 @@ class Spool:
         OSError
             The temporary file could not be created.
         """
-        return Incoming(self.incoming_dir, self.sync, header, max_bytes, hashed)
+        return Incoming(self.incoming_dir, self.sync, header, max_bytes, hashed, self.file_pool)
 
     def store(
         self,
