@@ -21,6 +21,7 @@ from typing import cast
 
 import pynetdicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -38,6 +39,8 @@ from node.ingest.fastpath import (
     drop_debug_handlers,
     encode_store_response,
     parse_store_request,
+    start_server,
+    store_response,
 )
 from node.ingest.server import NodeServer
 from tests.conftest import NodeFactory, make_ct_series, wait_until
@@ -346,3 +349,55 @@ def test_invalid_pdata_aborts_the_association_and_the_node_serves_on(
     finally:
         again.release()
     assert not any(node.spool.incoming_dir.iterdir())
+
+
+def _scp_with(handler: object, free_port: object) -> tuple[AE, int]:
+    """An SCP on the node's acceptor whose C-STORE handler is ``handler``."""
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = cast(int, free_port())  # type: ignore[operator]
+    start_server(ae, ("127.0.0.1", port), [(evt.EVT_C_STORE, handler)])
+    return ae, port
+
+
+def _store_one(port: int) -> Dataset:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(make_ct_series(n=1, size=16)[0])
+    finally:
+        assoc.release()
+
+
+def _status_with_comment(event: evt.Event) -> Dataset:
+    status = Dataset()
+    status.Status, status.ErrorComment = 0xC000, "refused for the test"
+    return status
+
+
+@pytest.mark.parametrize(("handler", "status", "comment"), [
+    (lambda event: 0xB007, 0xB007, None),                # Warning: coercion, sent directly
+    (lambda event: 1 / 0, 0xC211, None),                 # the handler raised: as upstream
+    (_status_with_comment, 0xC000, "refused for the test"),  # a status data set: pynetdicom
+    (lambda event: "nonsense", 0xC002, None),            # not a status: as upstream
+])
+def test_the_store_handlers_status_is_answered_as_pynetdicom_does(
+        free_port: object, handler: object, status: int, comment: str | None) -> None:
+    ae, port = _scp_with(handler, free_port)
+    try:
+        rsp = _store_one(port)
+    finally:
+        ae.shutdown()
+    assert rsp.Status == status
+    assert rsp.get("ErrorComment") == comment
+
+
+def test_store_response_without_uids_equals_pynetdicoms() -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 9, 0xA700
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = list(message.encode_msg(1, 16384))
+    assert store_response(9, 0xA700, None, None) == pdata.presentation_data_value_list[0][1][1:]
