@@ -17,7 +17,8 @@ per round; the page cache written back before each receiver), so that every rece
 the same machine load; then to the node on 4 concurrent associations, then checks the node's
 RSS growth (all its processes) over ``--rss-instances`` further instances. The node runs with
 ``listener_processes`` = ``--listener-processes`` (default: the CPU cores, at most 4). Every
-receiver stores under ``--dir`` (default: the system temp directory). Prints the median
+receiver stores under ``--dir`` (default: ``benchmarks/out``; the cost of creating a file
+there is printed, see :func:`creation_ms`). Prints the median
 instances/s, the median per-round ratio to storescp and the bars of issue #3::
 
     .venv/bin/python benchmarks/ingest.py [--images 300] [--rounds 3] [--rss-instances 3000]
@@ -106,6 +107,18 @@ def settle() -> None:
     each, which the kernel would otherwise write back during the next receiver's run)."""
     os.sync()
     time.sleep(0.2)
+
+
+def creation_ms(directory: Path, files: int = 100) -> float:
+    """Milliseconds to create one empty file in a new ``directory``: on an ext4 file system
+    without a journal that has seen many deletions (a shared /tmp) it is 0.4-0.9 ms of kernel
+    time instead of ~0.03 ms (the inode allocator reads inode tables to skip recently deleted
+    inodes), which distorts every receiver's figure."""
+    directory.mkdir(parents=True)
+    start = time.perf_counter()
+    for i in range(files):
+        os.close(os.open(directory / f"{i}.probe", os.O_CREAT | os.O_WRONLY | os.O_EXCL))
+    return (time.perf_counter() - start) / files * 1000
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -219,13 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-instances", type=int, default=3000)
     p.add_argument("--listener-processes", type=int, default=min(4, os.cpu_count() or 1),
                    help="the node's listener_processes (default: CPU cores, at most 4)")
-    p.add_argument("--dir", type=Path, default=None,
-                   help="where every receiver stores (default: the system temp directory); "
-                        "file creation cost depends on the file system's state there")
+    p.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "out",
+                   help="where every receiver stores (default: benchmarks/out); file creation "
+                        "cost depends on the file system's state there (printed)")
     args = p.parse_args(argv)
     n = args.images
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
+    args.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=args.dir) as tmp, \
             ExitStack() as stack:
         work = Path(tmp)
@@ -233,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"study: {len(paths)} images 512x512 int16, {mb:.0f} MB; {args.rounds} rounds; "
               f"node: listener_processes = {args.listener_processes}")
+        print(f"file creation under {args.dir}: {creation_ms(work / 'probe'):.3f} ms per file "
+              "(every receiver pays it once per instance)")
         scp_dir = work / "scp"
         scp_dir.mkdir()
         scp_port = free_port()
