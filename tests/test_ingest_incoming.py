@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -304,7 +305,8 @@ def test_file_pool_hands_out_empty_files_made_ahead(tmp_path: Path) -> None:
     assert path.parent == target and list(ready_dir.iterdir()) == []
 
 
-def test_file_pool_without_its_directory_creates_in_place(tmp_path: Path) -> None:
+def test_file_pool_without_its_directory_creates_in_place(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ready_dir, target = tmp_path / "ready", tmp_path / "incoming"
     ready_dir.mkdir()
     target.mkdir()
@@ -318,6 +320,10 @@ def test_file_pool_without_its_directory_creates_in_place(tmp_path: Path) -> Non
         fd, path = pool.take(target)  # the rename fails: a file is made in place
         os.close(fd)
         assert path.parent == target and path.exists()
+        # The thread cannot refill: it says so once, not at each retry (every second).
+        assert wait_until(lambda: "cannot make files" in caplog.text, 5.0)
+        time.sleep(1.5)
+        assert caplog.text.count("cannot make files") == 1
     finally:
         pool.close()
 

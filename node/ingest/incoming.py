@@ -180,6 +180,7 @@ class FilePool:
         return fd, Path(name)
 
     def _fill(self) -> None:
+        failing = False
         while True:
             with self._wanted:
                 while not self._stopped and len(self._ready) >= self.size:
@@ -188,11 +189,14 @@ class FilePool:
                     return
             try:
                 fd, name = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            except OSError as exc:  # e.g. the disk is full: take() creates its own
-                logger.warning("file pool in %s: %s", self.directory, exc)
+            except OSError as exc:  # e.g. no inodes left: take() creates its own
+                if not failing:  # once per streak, not every second
+                    logger.warning("file pool in %s cannot make files: %s", self.directory, exc)
+                failing = True
                 with self._wanted:
                     self._wanted.wait(1.0)
                 continue
+            failing = False
             with self._wanted:
                 self._ready.append((fd, Path(name)))
 
