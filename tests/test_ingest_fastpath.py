@@ -163,12 +163,17 @@ def test_reactor_ends_an_aborted_association_and_keeps_serving(
     node = start_node(lambda uid, path: None)
     _open_association(node).abort()
     assert wait_until(lambda: not node.ae.active_associations, timeout=3.0)
+    _assert_serves(node)
+    assert wait_until(lambda: not node.ae.active_associations, timeout=3.0)
+
+
+def _assert_serves(node: NodeServer) -> None:
+    """A new association is accepted and its C-ECHO answered."""
     assoc = _open_association(node)
     try:
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
-    assert wait_until(lambda: not node.ae.active_associations, timeout=3.0)
 
 
 def test_pynetdicom_is_pinned_to_the_copied_reactor() -> None:
@@ -343,11 +348,7 @@ def test_invalid_pdata_aborts_the_association_and_the_node_serves_on(
     cast(socket.socket, assoc.dul.socket.socket).sendall(pdu)
     assert wait_until(lambda: assoc.is_aborted, timeout=5.0)  # the node sent A-ABORT
     assert wait_until(lambda: not node.ae.active_associations, timeout=5.0)
-    again = _open_association(node)
-    try:
-        assert again.send_c_echo().Status == 0x0000
-    finally:
-        again.release()
+    _assert_serves(node)
     assert not any(node.spool.incoming_dir.iterdir())
 
 
