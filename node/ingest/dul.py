@@ -114,8 +114,8 @@ class NodeDUL(DULServiceProvider):
         DIMSE provider at once (PS3.8 9.2 Sta6 + Evt10: action DT-2, state unchanged).
 
         pynetdicom copies each P-DATA-TF three times (to bytes, into a PDU object, into the
-        primitive) and passes it through the event queue and the state machine: ~0.2 ms per
-        PDU, about a quarter of the node's work per instance. Here the fragments are views
+        primitive) and passes it through the event queue and the state machine: ~0.1 ms per
+        PDU, 0.57 ms of CPU per 0.5 MB instance (paired runs). Here the fragments are views
         into the received buffer. Taken only when nothing waits in the event queue before it
         and nobody listens to received data, PDUs or state transitions; otherwise, and for
         every other PDU, upstream's path (copied here: the header is already read).

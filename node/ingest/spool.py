@@ -67,8 +67,10 @@ CLEAN_MARKER = "clean-shutdown"
 
 
 INCOMING = "incoming"
-READY = "ready"  # empty files made ahead for incoming/ (node.ingest.incoming.FilePool)
 """Directory in the spool root holding instances still being received or synced."""
+READY = "ready"
+"""Directory in the spool root holding empty files made ahead for ``incoming/``
+(:class:`node.ingest.incoming.FilePool`)."""
 
 def is_valid_uid(uid: str) -> bool:
     """True if ``uid`` is a well-formed DICOM UID (PS3.5 9.1)."""
@@ -215,8 +217,9 @@ class Spool:
         return studies
 
     def close(self, clean: bool = False) -> None:
-        """Close the index; ``clean``: no write is in flight, so the next :meth:`recover` may
-        skip its walk over every file (linear in the spool size)."""
+        """Stop the file pool (its unused files are deleted) and close the index; ``clean``: no
+        write is in flight, so the next :meth:`recover` may skip its walk over every file
+        (linear in the spool size)."""
         self.file_pool.close()
         self.index.close()
         if clean:

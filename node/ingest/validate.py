@@ -97,6 +97,8 @@ class RawHeader:
         return keyword in self._values
 
     def __getattr__(self, keyword: str) -> Any:
+        if keyword.startswith("_"):  # never the values (e.g. _values before __init__)
+            raise AttributeError(keyword)
         try:
             return self._values[keyword]
         except KeyError:
