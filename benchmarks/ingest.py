@@ -263,14 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         ports["node"] = (node_port, "LIVERNODE")
         ports["orthanc"] = (start_orthanc(stack, work), "ORTHANC")
         seconds: dict[str, list[float]] = {name: [] for name in ports}
+        # Nothing is deleted until the timed rounds are over: on a file system that scans
+        # recently deleted inodes when it creates a file (ext4 without a journal, as here),
+        # the benchmark's own deletions would slow file creation for whichever receiver's
+        # directory shares their block group (measured: the node fell from ~250 to ~120
+        # inst/s over 8 rounds that deleted the previous round's files).
         for r in range(args.rounds):
             if r:
-                paths = write_study(work / "src", n)  # new UIDs: no duplicates
+                paths = write_study(work / f"src{r}", n)  # new UIDs: no duplicates
             for name, (port, called) in ports.items():
                 settle()
                 seconds[name].append(send(paths, port, called))
-            for old in scp_dir.iterdir():
-                old.unlink()
         paths = write_study(work / "src", n)
         t_node4 = send(paths, node_port, "LIVERNODE", associations=4)
         rss0 = rss_mb(node.pid)
@@ -286,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
              for name, ts in seconds.items()}
     for name, label in TARGETS.items():
         note = "" if name == "storescp" else f", {ratio[name]:.2f} x storescp"
-        print(f"{label}: {rate[name]:7.1f} inst/s (median of {args.rounds}{note})")
+        rounds = " ".join(f"{n / t:.0f}" for t in seconds[name])
+        print(f"{label}: {rate[name]:7.1f} inst/s (median of {args.rounds}{note}; {rounds})")
     node4 = n / t_node4
     print(f"node, 4 associations (total)  : {node4:7.1f} inst/s")
     print(f"ratio node/storescp           : {ratio['node']:.2f}  (bar >= 0.5: "
