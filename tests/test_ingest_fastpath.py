@@ -402,3 +402,21 @@ def test_store_response_without_uids_equals_pynetdicoms() -> None:
     message.primitive_to_message(rsp)
     (pdata,) = list(message.encode_msg(1, 16384))
     assert store_response(9, 0xA700, None, None) == pdata.presentation_data_value_list[0][1][1:]
+
+
+@pytest.mark.parametrize("sop_instance", ["1.02.3", "1.2.3.", "1." + "2" * 70])
+def test_store_requests_with_nonconformant_uids_are_left_to_pynetdicom(
+        sop_instance: str) -> None:
+    """The fast parser sets UIDs past pynetdicom's validation only when they conform to
+    PS3.5 9.1; anything else takes pynetdicom's path, as before."""
+    _, pdatas = _store_request_pdatas(16384)
+    command = pdatas[0].presentation_data_value_list[0][1][1:]
+    good = parse_store_request(command)
+    assert good is not None
+    uid = b"1.2.826.0.1.3680043.8.498.123\x00"
+    value = sop_instance.encode() + (b"\x00" if len(sop_instance) % 2 else b"")
+    element = struct.pack("<HHI", 0x0000, 0x1000, len(uid)) + uid
+    changed = command.replace(element, struct.pack("<HHI", 0x0000, 0x1000, len(value)) + value)
+    group_length = struct.pack("<HHII", 0, 0, 4, len(changed) - 12)
+    assert changed != command
+    assert parse_store_request(group_length + changed[12:]) is None

@@ -55,6 +55,8 @@ from io import BytesIO
 from typing import Any, Protocol, cast
 
 import pynetdicom
+from pydicom import config
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -72,7 +74,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from node.ingest.dul import NodeAssociationSocket, NodeDUL, pdata_tf
-from node.ingest.part10 import padded
+from node.ingest.part10 import is_valid_uid, padded
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +160,15 @@ def parse_store_request(command: bytes) -> C_STORE | None:
                 or fields.get(0x0800, b"\x01\x01") == b"\x01\x01"  # no data set
                 or not {0x0002, 0x0110, 0x1000} <= fields.keys()):
             return None
+        sop_class, sop_instance = _text(fields[0x0002]), _text(fields[0x1000])
+        if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
+            return None  # pynetdicom decides what an invalid or odd UID means, as before
         rq = C_STORE()
         rq.MessageID = struct.unpack("<H", fields[0x0110])[0]
-        rq.AffectedSOPClassUID = _text(fields[0x0002])
-        rq.AffectedSOPInstanceUID = _text(fields[0x1000])
+        # Set past the properties: they run three regular expressions per UID (~0.1 ms per
+        # request), all of which a UID passing is_valid_uid passes (PS3.5 9.1).
+        rq._affected_sop_class_uid = UID(sop_class, validation_mode=config.IGNORE)
+        rq._affected_sop_instance_uid = UID(sop_instance, validation_mode=config.IGNORE)
         if 0x0700 in fields:
             rq.Priority = struct.unpack("<H", fields[0x0700])[0]
         if 0x1030 in fields:

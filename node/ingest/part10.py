@@ -7,11 +7,14 @@ handler instead writes this small header and the received bytes one after the ot
 
 from __future__ import annotations
 
+import re
 import struct
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from node import __version__
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 IMPLEMENTATION_CLASS_UID = str(PYDICOM_IMPLEMENTATION_UID)
 IMPLEMENTATION_VERSION_NAME = f"LIVERNODE_{__version__}"[:16]
@@ -22,6 +25,11 @@ def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":
         return struct.pack("<HH2s2xI", group, elem, vr, len(value)) + value
     return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True if ``uid`` is a well-formed DICOM UID (PS3.5 9.1)."""
+    return len(uid) <= 64 and _UID_RE.match(uid) is not None
 
 
 def padded(value: str, pad: bytes) -> bytes:

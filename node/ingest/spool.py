@@ -22,7 +22,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from node.ingest.index import (
     StudyRecord,
     StudyState,
 )
+from node.ingest.part10 import is_valid_uid
 
 #: The default index's file name in the spool directory.
 INDEX_NAME = "index.sqlite3"
@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 # PS3.5 9.1: a UID is at most 64 characters of digits and dots, components without leading
 # zeros. Only such strings become path components, which also rules out path traversal.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 class StoreOutcome(enum.Enum):
@@ -71,10 +70,6 @@ INCOMING = "incoming"
 READY = "ready"
 """Directory in the spool root holding empty files made ahead for ``incoming/``
 (:class:`node.ingest.incoming.FilePool`)."""
-
-def is_valid_uid(uid: str) -> bool:
-    """True if ``uid`` is a well-formed DICOM UID (PS3.5 9.1)."""
-    return len(uid) <= 64 and _UID_RE.match(uid) is not None
 
 
 def _fsync_dir(path: Path) -> None:
