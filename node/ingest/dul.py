@@ -37,6 +37,9 @@ its timers and whether it was stopped; pynetdicom sleeps 1 ms unconditionally.""
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _PDV_ITEM = struct.Struct(">IB")  # item length, presentation context ID (PS3.8 9.3.5.1)
 _WATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+#: State machine events the association thread acts on (PS3.8 9.2): A-RELEASE-RQ and A-ABORT
+#: received, connection closed, ARTIM expired, invalid PDU.
+_REACTOR_EVENTS = frozenset({"Evt12", "Evt16", "Evt17", "Evt18", "Evt19"})
 
 
 def pdv_items(body: bytearray | bytes) -> list[tuple[int, memoryview]] | None:
@@ -254,7 +257,17 @@ class NodeDUL(DULServiceProvider):
                 wait = True
                 continue
             self.state_machine.do_action(event)
+            if event in _REACTOR_EVENTS:
+                self._wake_reactor()
             wait = False
+
+    def _wake_reactor(self) -> None:
+        """Wake the association thread waiting for a DIMSE message (an empty one), so that it
+        sees a release request, an abort or a closed connection now instead of at the end of
+        its wait (pynetdicom: up to 10 ms before each A-RELEASE-RP)."""
+        msg_queue = getattr(self.assoc.dimse, "msg_queue", None)
+        if msg_queue is not None:
+            msg_queue.put((None, None))
 
 
 class NodeAssociationSocket(AssociationSocket):
