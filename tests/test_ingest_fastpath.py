@@ -31,7 +31,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.ingest import fastpath
+from node.ingest import dul, fastpath
 from node.ingest.dul import NodeAssociationSocket, NodeDUL, pdata_tf, pdv_items
 from node.ingest.fastpath import (
     PYNETDICOM_VERSION,
@@ -436,3 +436,27 @@ def test_a_release_is_answered_without_waiting_out_the_reactors_wait(
         start = time.monotonic()
         assoc.release()
         assert assoc.is_released and time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("end", ["release", "abort", "hang up"])
+def test_ended_associations_free_their_threads_without_waiting_out_the_waits(
+        start_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """Stopping the network thread wakes it, and its end wakes the association thread: with
+    both waits made 5 s, an ended association's threads are gone well within 2 s."""
+    monkeypatch.setattr(fastpath, "REACTOR_WAIT", 5.0)
+    monkeypatch.setattr(dul, "DUL_WAIT", 5.0)
+    node = start_node(lambda uid, path: None)
+    assoc = _open_association(node)
+    assert assoc.send_c_echo().Status == 0x0000
+    (acceptor,) = node.ae.active_associations
+    if end == "release":
+        assoc.release()
+    elif end == "abort":
+        assoc.abort()
+    else:
+        cast(socket.socket, assoc.dul.socket.socket).shutdown(socket.SHUT_RDWR)
+    assert wait_until(lambda: not acceptor.is_alive() and not acceptor.dul.is_alive(),
+                      timeout=2.0)
+    assert not node.ae.active_associations
+    if end == "hang up":
+        assoc.abort()

@@ -81,9 +81,11 @@ logger = logging.getLogger(__name__)
 PYNETDICOM_VERSION = "3.0.4"
 """The pynetdicom release whose acceptor reactor :class:`NodeAssociation` copies."""
 
-REACTOR_WAIT = 0.01
-"""Seconds the reactor waits for a DIMSE message before it checks release, abort and timeouts
-(pynetdicom sleeps this long unconditionally)."""
+REACTOR_WAIT = 0.1
+"""Seconds the reactor waits for a DIMSE message before it checks the network timeout and
+whether it was killed (pynetdicom sleeps 1 ms unconditionally); a release request, an abort,
+a closed connection or the end of the network thread wake it at once
+(:meth:`node.ingest.dul.NodeDUL._wake_reactor`)."""
 
 class StoreSink(Protocol):
     """Where the fragments of one C-STORE data set go as they arrive (network thread)."""
