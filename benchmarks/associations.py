@@ -17,36 +17,15 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from ingest import ENV, ROOT, STORESCP, _stop, free_port, start_node, wait_port  # beside this file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from ingest import ROOT, ct_series, start_node, start_storescp  # beside this file
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
-
-
-def small_ct(n: int) -> list[Dataset]:
-    """``n`` 64 x 64 CT images of one series (new UIDs at each call)."""
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-        ds.PatientName, ds.PatientID, ds.Modality = "Bench^Assoc", "BENCH", "CT"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = 64
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = bytes(64 * 64 * 2)
-        out.append(ds)
-    return out
 
 
 def one_association(ae: AE, port: int, called: str, ds: Dataset) -> tuple[float, float, float]:
@@ -83,20 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             ExitStack() as stack:
         work = Path(tmp)
         node, node_port = start_node(stack, work, processes=1)
-        scp_dir = work / "scp"
-        scp_dir.mkdir()
-        scp_port = free_port()
-        scp = subprocess.Popen([str(STORESCP), "-aet", "STORESCP", "-od", str(scp_dir),
-                                str(scp_port)], env=ENV, stderr=subprocess.DEVNULL)
-        stack.callback(_stop, scp)
-        wait_port(scp_port)
+        scp_port = start_storescp(stack, work / "scp")
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         ae.add_requested_context("1.2.840.10008.1.1")  # Verification
         targets = {"storescp": (scp_port, "STORESCP"), "node": (node_port, "LIVERNODE")}
         phases: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
-            images = small_ct(args.associations)
+            images = ct_series(args.associations, size=64)
             order = list(targets) if r % 2 == 0 else list(targets)[::-1]
             for name in order:
                 port, called = targets[name]

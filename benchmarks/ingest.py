@@ -53,15 +53,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_study(directory: Path, n: int, size: int = 512) -> list[Path]:
-    """``n`` CT Image Storage files of one new study (new UIDs at each call)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("*.dcm"):
-        old.unlink()
+def ct_series(n: int, size: int = 512) -> list[Dataset]:
+    """``n`` CT Image Storage data sets of one new series (new UIDs at each call)."""
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     rng = np.random.default_rng(0)
     base = rng.integers(0, 1500, (size, size), dtype=np.int16)
-    paths = []
+    out = []
     for i in range(n):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -78,6 +75,17 @@ def write_study(directory: Path, n: int, size: int = 512) -> list[Path]:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = (base + i).tobytes()
+        out.append(ds)
+    return out
+
+
+def write_study(directory: Path, n: int, size: int = 512) -> list[Path]:
+    """``n`` CT Image Storage files of one new study (new UIDs at each call)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.dcm"):
+        old.unlink()
+    paths = []
+    for i, ds in enumerate(ct_series(n, size)):
         path = directory / f"{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -148,6 +156,17 @@ def rss_mb(pid: int) -> float:
     if not total:
         raise RuntimeError(f"no process {pid}")
     return total
+
+
+def start_storescp(stack: ExitStack, directory: Path) -> int:
+    """Start DCMTK storescp (AE title STORESCP) writing to ``directory``; returns its port."""
+    directory.mkdir()
+    port = free_port()
+    scp = subprocess.Popen([str(STORESCP), "-aet", "STORESCP", "-od", str(directory), str(port)],
+                           env=ENV, stderr=subprocess.DEVNULL)
+    stack.callback(_stop, scp)
+    wait_port(port)
+    return port
 
 
 def start_floor(stack: ExitStack, fast: bool) -> int:
@@ -247,13 +266,7 @@ def main(argv: list[str] | None = None) -> int:
               f"node: listener_processes = {args.listener_processes}")
         print(f"file creation under {args.dir}: {creation_ms(work / 'probe'):.3f} ms per file "
               "(every receiver pays it once per instance)")
-        scp_dir = work / "scp"
-        scp_dir.mkdir()
-        scp_port = free_port()
-        scp = subprocess.Popen([str(STORESCP), "-aet", "STORESCP", "-od", str(scp_dir),
-                                str(scp_port)], env=ENV, stderr=subprocess.DEVNULL)
-        stack.callback(_stop, scp)
-        wait_port(scp_port)
+        scp_port = start_storescp(stack, work / "scp")
         ports = {"storescp": (scp_port, "STORESCP"),
                  "stock": (start_floor(stack, fast=False), "FLOOR"),
                  "ceiling": (start_floor(stack, fast=True), "FLOOR"),
