@@ -268,11 +268,10 @@ def _store(event: Event, ctx: IngestContext, record: AssociationRecord,
     if free < ctx.min_free_bytes:
         reason = f"{free} bytes free in the spool, below min_free_bytes={ctx.min_free_bytes}"
         return _refuse(ctx, None, 0xA700, reason, who), 0, False  # Out of Resources
-    size = len(request.DataSet.getvalue()) if request.DataSet is not None else 0
-    if size > ctx.max_instance_bytes:
-        reason = f"{size} bytes exceeds max_instance_bytes={ctx.max_instance_bytes}"
-        return _refuse(ctx, None, 0xA700, reason, who), 0, False  # Out of Resources
     body = request.DataSet.getvalue() if request.DataSet is not None else b""
+    if len(body) > ctx.max_instance_bytes:
+        reason = f"{len(body)} bytes exceeds max_instance_bytes={ctx.max_instance_bytes}"
+        return _refuse(ctx, None, 0xA700, reason, who), 0, False  # Out of Resources
     syntax = UID(event.context.transfer_syntax)
     try:
         ds = read_header(body, syntax) or event.dataset  # pydicom decodes what is not plain
@@ -286,18 +285,21 @@ def _store(event: Event, ctx: IngestContext, record: AssociationRecord,
                   " UID or SOP Class UID")
         return _refuse(ctx, body, 0xC000, reason, who), 0, False  # Cannot understand
     study, series, sop, sop_class = uids
-    data = (file_meta_header(sop_class, sop, syntax, who), body)
     if sop_class != request.AffectedSOPClassUID or sop != request.AffectedSOPInstanceUID:
         reason = (f"dataset SOP class/instance {sop_class}/{sop} differ from the request's "
                   f"{request.AffectedSOPClassUID}/{request.AffectedSOPInstanceUID}")
         # 0xA900 Error: Data Set does not match SOP Class
         return _refuse(ctx, body, 0xA900, reason, who), 0, False
+    # The sink's header was made from the request's UIDs, which now equal the data set's.
+    header = incoming.header if incoming is not None else file_meta_header(
+        sop_class, sop, syntax, who)
+    data = (header, body)
     refusal = check_dataset(ds, sop_class, syntax)
     if refusal is not None:
         return _refuse(ctx, b"".join(data), refusal.status, refusal.reason, who), 0, False
     try:
         if incoming is not None:
-            digest = hashlib.sha256(incoming.header)
+            digest = hashlib.sha256(header)
             digest.update(body)  # releases the GIL: runs beside the sync on the network thread
             outcome = ctx.spool.commit(incoming, study, series, sop, sop_class, calling_aet=who,
                                        sha256=digest.hexdigest())
