@@ -82,13 +82,13 @@ class Settings:
         Concurrent associations accepted per listener process; more are rejected (PS3.8
         7.1.1.9, local limit).
     listener_processes:
-        Processes accepting associations on the same port (``SO_REUSEPORT``, Linux); the
-        kernel spreads new connections over them. Python runs one thread at a time per
-        process, so with concurrent senders more processes use more cores (2 on a 2-core
-        machine: 4 associations 280 instead of 185 instances/s). The first process also runs
-        the completion monitor, the analysis and the metrics endpoint (which adds up every
-        process's counters); limits (``max_associations``, ``max_associations_per_host``) hold
-        per process.
+        Processes serving associations: the first accepts every connection and hands them
+        out in turn, itself included (:mod:`node.ingest.listener`). Python runs one thread at
+        a time per process, so with concurrent senders more processes use more cores (2 on a
+        2-core machine: 4 associations 280 instead of 185 instances/s). The first process also
+        runs the completion monitor, the analysis and the metrics endpoint (which adds up
+        every process's counters); limits (``max_associations``,
+        ``max_associations_per_host``) hold per process.
     sync_writes:
         fsync each instance before answering Success (default). False: faster, and a crash of
         the node still loses nothing, but a power loss may lose the last acknowledged

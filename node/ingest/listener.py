@@ -130,7 +130,6 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-
 class Listener:
     """One listening socket of the node's storage SCP, storing into ``spool``.
 

@@ -14,6 +14,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from node import __version__
 
+# PS3.5 9.1: at most 64 characters of digits and dots, components without leading zeros.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 IMPLEMENTATION_CLASS_UID = str(PYDICOM_IMPLEMENTATION_UID)

@@ -49,9 +49,6 @@ __all__ = ["INDEX_NAME", "Incoming", "InstanceRecord", "SQLiteIndex", "Spool", "
 
 logger = logging.getLogger(__name__)
 
-# PS3.5 9.1: a UID is at most 64 characters of digits and dots, components without leading
-# zeros. Only such strings become path components, which also rules out path traversal.
-
 
 class StoreOutcome(enum.Enum):
     """What :meth:`Spool.store` did with an instance."""
@@ -300,7 +297,7 @@ class Spool:
             ("Series Instance UID", series_instance_uid),
             ("SOP Instance UID", sop_instance_uid),
         ]:
-            if not is_valid_uid(uid):
+            if not is_valid_uid(uid):  # only such UIDs become path components: no traversal
                 raise IngestError(f"invalid {name} {uid!r}")
         path = self.studies_dir / study_instance_uid / series_instance_uid
         path = path / f"{sop_instance_uid}.dcm"
