@@ -84,6 +84,8 @@ def _make_dirs_durable(path: Path, root: Path) -> None:
     while not p.exists() and p != root:
         missing.append(p)
         p = p.parent
+    if not missing and path != root:  # it exists (the loop looked)
+        return  # the common case, once per instance: no failing mkdir
     path.mkdir(parents=True, exist_ok=True)
     for created in missing:
         _fsync_dir(created.parent)
